@@ -1,0 +1,118 @@
+"""End to end through the real CLIs in subprocesses: train → checkpoint → evaluate → generate → export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import TINY, run_cli
+
+CKPT_FILES = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "config.yaml",
+              "tokenizer.json", "state.json"}
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def test_train_writes_checkpoints_metrics_and_events(tiny_run: Path):
+    ckpts = tiny_run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step_000020", "step_000030"]
+    assert (ckpts / "last").is_symlink() and (ckpts / "last").resolve() == (ckpts / "step_000030").resolve()
+    for step in ("step_000020", "step_000030"):
+        assert CKPT_FILES <= {p.name for p in (ckpts / step).iterdir()}
+    state = json.loads((ckpts / "last" / "state.json").read_text())
+    assert state["step"] == 30 and state["tokens"] == 30 * 8 * 64 and state["sampler"] == {"batches_drawn": 30}
+
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "train/loss" in r]
+    val = [r for r in lines if "val/loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in val] == [10, 20, 30]
+    for r in train:
+        assert {"step", "tokens", "train/loss", "lr", "tok_per_s"} <= set(r)
+        assert math.isfinite(r["train/loss"]) and r["tok_per_s"] > 0
+    assert all(0 <= r["val/accuracy"] <= 100 for r in val)
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    assert list((tiny_run / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+
+
+def test_evaluate_generate_export(tiny_run: Path, tmp_path: Path):
+    ckpt = tiny_run / "checkpoints" / "last"
+    out = run_cli("evaluate", f"ckpt={ckpt}", "split=val").stdout
+    assert "loss" in out and "accuracy (%)" in out and "perplexity" in out
+    result = json.loads((ckpt / "eval_val.json").read_text())
+    assert set(result) == {"loss", "accuracy", "perplexity", "tokens"}
+    assert 0 < result["loss"] < 20 and result["tokens"] > 0
+    assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-6)
+
+    text = run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "max_new_tokens=20", "seed=0").stdout.strip()
+    assert text.startswith("The list") and len(text) > len("The list")
+    again = run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "max_new_tokens=20", "seed=0").stdout.strip()
+    assert again == text, "seeded sampling must reproduce"
+
+    export = tmp_path / "export"
+    run_cli("export", f"ckpt={ckpt}", f"out={export}")
+    assert {p.name for p in export.iterdir()} == {"model.safetensors", "tokenizer.json", "config.yaml"}
+    assert dir_size(export) < 0.6 * dir_size(ckpt.resolve())
+    run_cli("evaluate", f"ckpt={export}", "split=val")
+    exported = json.loads((export / "eval_val.json").read_text())
+    assert exported["loss"] == pytest.approx(result["loss"], abs=1e-6)
+    from_export = run_cli("generate", f"ckpt={export}", "prompt=The list", "max_new_tokens=20", "seed=0")
+    assert from_export.stdout.strip() == text
+
+    refused = run_cli("export", f"ckpt={ckpt}", f"out={export}", check=False)
+    assert refused.returncode != 0 and "not empty" in refused.stderr
+
+
+def test_seed_readme_snippet_runs(tiny_run: Path):
+    """The seed README's "Use in your code" snippet, with only the checkpoint path and device changed."""
+    import torch
+
+    from xlab import inference
+    from xlab.datamodules import XLabDataModule
+    from xlab.models import XLabModel
+
+    # adjust these
+    checkpoint_path = str(tiny_run / "checkpoints" / "last")
+    prompt = 'april'
+    device = 'cpu'
+    limit = 10
+
+    tokenizer = XLabDataModule.load_from_checkpoint(checkpoint_path, map_location=device).tokenizer
+    model = XLabModel.load_from_checkpoint(checkpoint_path, map_location=device).eval().requires_grad_(False)
+    inputs = torch.tensor([tokenizer[tokenizer.sos_token]] + tokenizer.encode(prompt), device=model.device)
+    outputs = inference.sample(
+        model, inputs,
+        output_length=limit, block_size=model.hparams['max_len'],
+        eos_class=tokenizer[tokenizer.eos_token]
+    )
+    output = tokenizer.decode(outputs)
+
+    assert isinstance(output, str)
+    assert 0 < len(outputs) <= limit or output == ""
+    assert all(0 <= t < len(tokenizer) for t in outputs)
+
+
+def test_second_run_reuses_tokenizer_and_token_files(tiny_run: Path, offline_env: Path, tmp_path: Path):
+    cached = sorted(p for p in offline_env.rglob("*") if p.is_file())
+    assert any(p.name == "tokenizer.json" for p in cached) and any(p.name == "train.bin" for p in cached)
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    proc = run_cli("train", *TINY, "trainer.max_steps=2", "trainer.eval_batches=1", f"hydra.run.dir={tmp_path}")
+    log = proc.stdout + proc.stderr
+    assert "reusing cached tokenizer" in log and "reusing cached token files" in log
+    assert "training bpe tokenizer" not in log and "wrote token files" not in log
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps
+
+
+def test_resume_auto_continues_in_the_run_dir(tmp_path: Path):
+    common = [*TINY, "trainer.eval_batches=1", "trainer.ckpt_every=3", f"hydra.run.dir={tmp_path}"]
+    run_cli("train", *common, "trainer.max_steps=3")
+    proc = run_cli("train", *common, "trainer.max_steps=6", "resume=auto")
+    assert "resumed from" in proc.stdout + proc.stderr
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 6 and state["sampler"]["batches_drawn"] == 6
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6

@@ -1,0 +1,128 @@
+"""XLabDataModule: the tokenizer and the token windows a training or evaluation run reads.
+
+Training draws random windows of max_len+1 tokens from the memory-mapped train split; batch k of rank r comes from
+a generator seeded with (seed, r, k), so the sampler's whole state is the number of batches drawn. Evaluation
+reads fixed, non-overlapping windows from the start of a split, so every run scores the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xlab.config import DataConfig, TokenizerConfig, user_cache_dir
+from xlab.data.prepare import Prepared, prepare_data
+from xlab.data.sources import SPLITS
+from xlab.errors import XLabError
+from xlab.tokenizer import XLabTokenizer
+
+
+class RandomWindows:
+    """Batches of (inputs, targets), each a random window of the token stream shifted by one."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> None:
+        if len(tokens) < seq_len + 1:
+            raise XLabError(
+                f"the train split has {len(tokens)} tokens, fewer than one window of model.max_len+1={seq_len + 1}"
+            )
+        self.tokens, self.seq_len, self.batch_size, self.seed, self.rank = tokens, seq_len, batch_size, seed, rank
+        self.batches_drawn = 0
+        self._offsets = np.arange(seq_len + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, self.batches_drawn])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        self.batches_drawn += 1
+        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def eval_windows(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive windows with stride seq_len: each target token of the split is scored exactly once."""
+    starts = np.arange(0, len(tokens) - seq_len, seq_len)
+    if max_batches is not None:
+        starts = starts[: max_batches * batch_size]
+    offsets = np.arange(seq_len + 1)
+    for i in range(0, len(starts), batch_size):
+        window = torch.from_numpy(tokens[starts[i : i + batch_size, None] + offsets].astype(np.int64))
+        yield window[:, :-1], window[:, 1:]
+
+
+class XLabDataModule:
+    """Tokenizer plus token files of a data config; builds them on first use (see xlab/data/prepare.py)."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        tokenizer: TokenizerConfig,
+        cache_dir: str | Path | None = None,
+        tokenizer_file: str | Path | None = None,
+    ) -> None:
+        self.data_cfg, self.tokenizer_cfg = data, tokenizer
+        self.cache_dir = Path(cache_dir or user_cache_dir())
+        self._tokenizer_file = tokenizer_file
+        self._prepared: Prepared | None = None
+        self._tokenizer: XLabTokenizer | None = None
+
+    def prepare(self) -> Prepared:
+        if self._prepared is None:
+            self._prepared = prepare_data(self.data_cfg, self.tokenizer_cfg, self.cache_dir, self._tokenizer_file)
+        return self._prepared
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return Path(self._tokenizer_file) if self._tokenizer_file else self.prepare().tokenizer_path
+
+    @property
+    def tokenizer(self) -> XLabTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = XLabTokenizer.from_file(self.tokenizer_path, self.tokenizer_cfg)
+        return self._tokenizer
+
+    def tokens(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise XLabError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        tokens_dir = self.prepare().tokens_dir
+        meta = json.loads((tokens_dir / "meta.json").read_text())
+        path = tokens_dir / f"{split}.bin"
+        if meta["splits"][split]["tokens"] == 0:
+            return np.zeros(0, dtype=meta["dtype"])
+        return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+    def train_windows(self, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> RandomWindows:
+        return RandomWindows(self.tokens("train"), seq_len, batch_size, seed, rank)
+
+    def eval_windows(
+        self, split: str, seq_len: int, batch_size: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = self.tokens(split)
+        if len(tokens) < seq_len + 1:
+            raise XLabError(f"the {split} split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        return eval_windows(tokens, seq_len, batch_size, max_batches)
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, path: str | Path, map_location: object = None, cache_dir: str | Path | None = None
+    ) -> XLabDataModule:
+        """The data module of a checkpoint or export: its tokenizer.json, and its data config for the token files
+        (rebuilt with that tokenizer if this machine's cache lacks them). `map_location` is accepted for the
+        seed's signature; data lives on the host."""
+        from xlab.checkpoint import load_config, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(path)
+        cfg = load_config(ckpt)
+        return cls(
+            DataConfig(**cfg["data"]), TokenizerConfig(**cfg["tokenizer"]), cache_dir, ckpt / "tokenizer.json"
+        )

@@ -1,0 +1,256 @@
+"""The training loop (Accelerate), and the evaluation that training and `xlab.evaluate` share.
+
+One optimizer step = grad_accum_steps micro-batches of batch_size windows per process. The loss is a sum of
+token losses divided by the step's token count, so accumulation gives exactly the gradient of one big batch.
+Metrics leave the device only every log_every steps, so steps queue back to back on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from xlab.checkpoint import load_training_state, register_accelerate_hooks, resolve_checkpoint, save_checkpoint
+from xlab.config import Precision, TrainConfig, to_container
+from xlab.data.datamodule import XLabDataModule
+from xlab.data.sources import check_split_fractions
+from xlab.errors import XLabError
+from xlab.loggers import TRACKERS, MetricsFile, flat_config
+from xlab.models import MODELS
+from xlab.models.transformer import check_model_config
+from xlab.optimizers import OPTIMIZERS, check_optimizer_config
+from xlab.schedulers import build_scheduler, check_scheduler_config
+from xlab.tokenizer import check_tokenizer_config
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: Precision | str) -> str:
+    """Config precision → Accelerate's mixed_precision ("no", "bf16", "fp16")."""
+    p = Precision(precision)
+    if p is Precision.auto:
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p.value]
+
+
+def autocast_for(device: torch.device, mixed_precision: str) -> Callable[[], AbstractContextManager]:
+    if mixed_precision == "no":
+        return nullcontext
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def token_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and number of correct argmax predictions of one batch."""
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+    correct = (logits.argmax(-1) == y).sum()
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    windows: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, float]:
+    """Token-level loss, accuracy (%), perplexity and token count over the given windows."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for x, y in windows:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            batch_loss, batch_correct = token_sums(model, x, y)
+        loss += batch_loss
+        correct += batch_correct
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise XLabError("nothing to evaluate: the split has no complete window")
+    mean = loss.item() / count
+    return {"loss": mean, "accuracy": 100.0 * correct.item() / count, "perplexity": math.exp(min(mean, 50.0)),
+            "tokens": count}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every check that can fail before any work is done."""
+    MODELS.get(cfg.model.name)
+    check_model_config(cfg.model)
+    check_split_fractions(cfg.data.split_fractions)
+    check_tokenizer_config(cfg.tokenizer)
+    check_optimizer_config(cfg.optimizer)
+    check_scheduler_config(cfg.scheduler)
+    for name in cfg.logger.trackers:
+        TRACKERS.get(name)
+    t = cfg.trainer
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise XLabError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    if t.grad_clip < 0:
+        raise XLabError(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+def _resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = ckpt_root / "last"
+        return last if last.exists() else None
+    return resolve_checkpoint(resume)
+
+
+def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Train as configured, writing metrics and checkpoints under run_dir; returns the final val metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    if not isinstance(cfg, TrainConfig):  # a DictConfig from Hydra: turn it into the typed dataclasses
+        cfg = OmegaConf.to_object(cfg)
+    check_config(cfg)
+    run_dir = Path(run_dir)
+    t = cfg.trainer
+    mixed_precision = resolve_precision(t.precision)
+    trackers = [TRACKERS.get(name)(run_dir) for name in cfg.logger.trackers]
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # with no CUDA every rank must still join the process group on CPU
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the number of ranks
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)  # same initial weights on every rank
+
+    datamodule = XLabDataModule(cfg.data, cfg.tokenizer, cfg.paths.cache_dir)
+    with accelerator.main_process_first():  # rank 0 builds the cache, the others then find it
+        datamodule.prepare()
+    tokenizer = datamodule.tokenizer
+    seq_len = cfg.model.max_len
+    sampler = datamodule.train_windows(seq_len, t.batch_size, cfg.seed, rank=accelerator.process_index)
+
+    model = MODELS.get(cfg.model.name)(vocab_size=len(tokenizer), **asdict(cfg.model))
+    if main:
+        log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
+                 model.num_params() / 1e6, model.flops_per_token(), len(tokenizer), seq_len)
+    optimizer = OPTIMIZERS.get(cfg.optimizer.name)(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, t.max_steps)
+    register_accelerate_hooks(accelerator)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    autocast = accelerator.autocast
+
+    ckpt_root = run_dir / "checkpoints"
+    step, tokens_seen = 0, 0
+    resume_from = _resume_path(cfg.resume, ckpt_root)
+    if resume_from is not None:
+        state = load_training_state(accelerator, resume_from)
+        step, tokens_seen = state["step"], state["tokens"]
+        sampler.load_state_dict(state["sampler"])
+        if main:
+            log.info("resumed from %s at step %d", resume_from, step)
+
+    config_dict = to_container(OmegaConf.structured(cfg))
+    if trackers:
+        accelerator.init_trackers(cfg.logger.project, config=flat_config(config_dict))
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    tokens_per_step = t.batch_size * seq_len * t.grad_accum_steps  # per process
+    world = accelerator.num_processes
+
+    def run_eval() -> dict[str, float]:
+        windows = datamodule.eval_windows("val", seq_len, t.batch_size, t.eval_batches)
+        result = evaluate(model, windows, accelerator.device, autocast)
+        record = {"step": step, "tokens": tokens_seen, "val/loss": result["loss"], "val/accuracy": result["accuracy"]}
+        if main:
+            metrics.write(record)
+            log.info("step %d: val loss %.4f, val accuracy %.2f%%", step, result["loss"], result["accuracy"])
+        accelerator.log({k: v for k, v in record.items() if "/" in k}, step=step)
+        return result
+
+    def checkpoint() -> Path:
+        state = {"tokens": tokens_seen, "sampler": sampler.state_dict()}
+        return save_checkpoint(accelerator, ckpt_root, step, config_dict, datamodule.tokenizer_path, state)
+
+    model.train()
+    loss_acc = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    correct_acc = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+    interval_tokens, interval_start = 0, time.perf_counter()
+    bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    val: dict[str, float] | None = None
+    saved_step = -1
+    while step < t.max_steps:
+        for _ in range(t.grad_accum_steps):
+            x, y = sampler.next_batch()
+            x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                loss_sum, correct = token_sums(model, x, y)
+                # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean
+                # over all of its tokens rather than a mean of per-micro-batch means.
+                accelerator.backward(loss_sum * (t.grad_accum_steps / tokens_per_step))
+            loss_acc += loss_sum.detach()
+            correct_acc += correct
+        if t.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step * world
+        interval_tokens += tokens_per_step * world
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            n = interval_tokens // world  # this process's share; every rank sees the same count
+            elapsed = time.perf_counter() - interval_start
+            record = {
+                "step": step, "tokens": tokens_seen,
+                "train/loss": loss_acc.item() / n, "train/accuracy": 100.0 * correct_acc.item() / n,
+                "lr": scheduler.get_last_lr()[0], "tok_per_s": interval_tokens / elapsed,
+            }
+            if t.grad_clip > 0:
+                record["grad_norm"] = float(grad_norm)
+            if main:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tok_per_s']:.0f}")
+            accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=step)
+            loss_acc.zero_()
+            correct_acc.zero_()
+            interval_tokens, interval_start = 0, time.perf_counter()
+        pause = time.perf_counter()
+        if step % t.eval_every == 0 or step == t.max_steps:
+            val = run_eval()
+        if step % t.ckpt_every == 0 or step == t.max_steps:
+            checkpoint()
+            saved_step = step
+        interval_start += time.perf_counter() - pause  # tok/s measures training, not evaluation or saving
+    bar.close()
+    if val is None:  # resumed at or past max_steps
+        val = run_eval()
+    if saved_step != step and not (ckpt_root / "last").exists():
+        checkpoint()
+    accelerator.end_training()
+    return val
