@@ -42,17 +42,24 @@ class ModelConfig:
     name: str = "transformer"
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads (GQA); None = n_head, 1 = multi-query attention
     d_model: int = 256
     max_len: int = 256  # context length in tokens
-    pos_emb: str = "learned"
-    norm: str = "layernorm"
+    pos_emb: str = "learned"  # learned | rope | none
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"
-    d_ff: int | None = None  # hidden width of the MLP; None = 4 * d_model
-    bias: bool = True
-    dropout: float = 0.0
+    norm_position: str = "pre"  # pre | post
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (gelu, relu2), ~8/3*d_model (swiglu)
+    qk_norm: bool = False  # normalise queries and keys per head before attention (and before RoPE)
+    bias: bool = True  # biases in linear layers and LayerNorm
+    dropout: float = 0.0  # embedding, attention and residual dropout
     tie_embeddings: bool = True
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    z_loss: float = 0.0  # coefficient of the mean squared log-partition term added to the training loss
     init_std: float = 0.02
+    residual_init: str = "scaled"  # output projections of residual branches: scaled | zero | plain
 
 
 @dataclass

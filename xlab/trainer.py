@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -27,7 +26,7 @@ from xlab.data.sources import check_split_fractions
 from xlab.errors import XLabError
 from xlab.loggers import TRACKERS, MetricsFile, flat_config
 from xlab.models import MODELS
-from xlab.models.transformer import check_model_config
+from xlab.models.transformer import check_model_config, lm_loss_sums
 from xlab.optimizers import OPTIMIZERS, check_optimizer_config
 from xlab.schedulers import build_scheduler, check_scheduler_config
 from xlab.tokenizer import check_tokenizer_config
@@ -60,12 +59,13 @@ def autocast_for(device: torch.device, mixed_precision: str) -> Callable[[], Abs
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def token_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and number of correct argmax predictions of one batch."""
+def token_sums(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed training objective, summed next-token cross-entropy and number of correct argmax predictions."""
     logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-    correct = (logits.argmax(-1) == y).sum()
-    return loss, correct
+    objective, ce = lm_loss_sums(logits, y, z_loss)
+    return objective, ce, (logits.argmax(-1) == y).sum()
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def evaluate(
     for x, y in windows:
         x, y = x.to(device), y.to(device)
         with autocast():
-            batch_loss, batch_correct = token_sums(model, x, y)
+            _, batch_loss, batch_correct = token_sums(model, x, y)
         loss += batch_loss
         correct += batch_correct
         count += y.numel()
@@ -206,10 +206,10 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
             x, y = sampler.next_batch()
             x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
-                loss_sum, correct = token_sums(model, x, y)
+                objective, loss_sum, correct = token_sums(model, x, y, cfg.model.z_loss)
                 # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean
                 # over all of its tokens rather than a mean of per-micro-batch means.
-                accelerator.backward(loss_sum * (t.grad_accum_steps / tokens_per_step))
+                accelerator.backward(objective * (t.grad_accum_steps / tokens_per_step))
             loss_acc += loss_sum.detach()
             correct_acc += correct
         if t.grad_clip > 0:

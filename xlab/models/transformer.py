@@ -1,8 +1,9 @@
 """A decoder-only transformer language model, GPT-2 style by default, in plain PyTorch.
 
-Read top to bottom: parts (norms, positional embeddings, attention, MLP) → Block → XLabModel. Each swappable part
-is chosen by name from a registry, so `model.norm=...` in a config maps to one class here. The model knows nothing
-of distribution, logging or checkpoint formats; those live in xlab/trainer.py and xlab/checkpoint.py.
+Read top to bottom: norms, positional schemes, attention, MLPs → Block → XLabModel. Each swappable part is chosen
+by name from a registry, so `model.norm=rmsnorm` in a config maps to one class here, and the presets in
+configs/model/ (GPT-2, Llama, "modern") are just different choices. The model knows nothing of distribution,
+logging or checkpoint formats; those live in xlab/trainer.py, xlab/checkpoint.py and xlab/models/hf.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from xlab.registry import Registry
 NORMS: Registry[type[nn.Module]] = Registry("norm")
 POS_EMBS: Registry[type[nn.Module]] = Registry("positional embedding")
 MLPS: Registry[type[nn.Module]] = Registry("mlp")
+RESIDUAL_INITS = ("scaled", "zero", "plain")
 
+
+# --- norms -------------------------------------------------------------------------------------------------------
 
 @NORMS.register("layernorm")
 class LayerNorm(nn.LayerNorm):
@@ -31,84 +35,195 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+@NORMS.register("rmsnorm")
+class RMSNorm(nn.RMSNorm):
+    """Scale-only normalisation (Llama): cheaper than LayerNorm and as good in practice."""
+
+    def __init__(self, dim: int, cfg: ModelConfig) -> None:
+        super().__init__(dim, eps=cfg.norm_eps)
+
+
+# --- positional schemes: either added to the embeddings, or rotating queries and keys -----------------------------
+
+class Positions(nn.Module):
+    """No explicit positions (NoPE): causal attention alone tells tokens apart. The base of the other schemes."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+
+POS_EMBS.register("none")(Positions)
+
+
 @POS_EMBS.register("learned")
-class LearnedPositions(nn.Module):
+class LearnedPositions(Positions):
     """GPT-2's absolute positions: one learned vector per position, added to the token embedding."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         self.emb = nn.Embedding(cfg.max_len, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x + self.emb(positions)
 
 
-@POS_EMBS.register("none")
-class NoPositions(nn.Module):
-    """No explicit positions (NoPE): causal attention alone breaks the symmetry."""
+@POS_EMBS.register("rope")
+class RotaryPositions(Positions):
+    """Rotary embeddings (RoFormer), in the half-split layout Llama and transformers use: the query-key dot
+    product then depends only on the relative offset of the two positions."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
+        head_dim = cfg.d_model // cfg.n_head
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived from the config, not a weight
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return x
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # (T, hd/2) or (B, T, hd/2)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        if positions.dim() == 2:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+# --- attention ---------------------------------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional grouped key/value heads (GQA/MQA) and QK-norm."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        # One matmul for queries, keys and values; keys/values have n_kv_head heads each.
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.proj.is_residual_proj = True  # gets the scaled init, see XLabModel._init_weights
+        self.proj.is_residual_proj = True  # see XLabModel._init_weights
+        norm = NORMS.get(cfg.norm)
+        self.q_norm = norm(self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
+        self.k_norm = norm(self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        # SDPA picks the fastest kernel (flash / memory-efficient / math) for the device and dtype.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+    def forward(self, x: torch.Tensor, pos: Positions, positions: torch.Tensor) -> torch.Tensor:
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)
+        q, k = pos.rotate(self.q_norm(q), self.k_norm(k), positions)
+        # SDPA picks the fastest kernel for the device and dtype; enable_gqa lets query head i read kv head
+        # i // (n_head / n_kv_head) without materialising repeated keys and values.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+# --- MLPs --------------------------------------------------------------------------------------------------------
+
+def default_d_ff(cfg: ModelConfig) -> int:
+    if cfg.d_ff:
+        return cfg.d_ff
+    if cfg.mlp == "swiglu":  # 2/3 of 4*d keeps the parameter count of a 4*d MLP with three matrices
+        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return 4 * cfg.d_model
 
 
 @MLPS.register("gelu")
 class GeluMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d_ff = cfg.d_ff or 4 * cfg.d_model
-        self.fc = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
-        self.proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.d_model, default_d_ff(cfg), bias=cfg.bias)
+        self.proj = nn.Linear(default_d_ff(cfg), cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_proj = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's tanh approximation
 
 
+@MLPS.register("relu2")
+class ReluSquaredMLP(GeluMLP):
+    """Squared ReLU (Primer): sparse activations, a little better than GELU at small scale."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+@MLPS.register("swiglu")
+class SwiGLUMLP(nn.Module):
+    """silu(gate(x)) * up(x) → down (Shazeer 2020; Llama). Gate and up share one matmul: fc's first half is
+    the gate, its second half the up projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d_ff = default_d_ff(cfg)
+        self.fc = nn.Linear(cfg.d_model, 2 * d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.proj.is_residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block. Pre-norm: x + f(norm(x)), stable at depth. Post-norm: norm(x + f(x)), the original."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         norm = NORMS.get(cfg.norm)
+        self.pre_norm = cfg.norm_position == "pre"
         self.norm1 = norm(cfg.d_model, cfg)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = norm(cfg.d_model, cfg)
         self.mlp = MLPS.get(cfg.mlp)(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, pos: Positions, positions: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.norm1(x), pos, positions))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, pos, positions)))
+        return self.norm2(x + self.drop(self.mlp(x)))
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """Fail at start-up, with one line, on shapes that cannot work."""
+    """Fail at start-up, with one line, on shapes and choices that cannot work."""
     for key in ("n_layer", "n_head", "d_model", "max_len"):
         if getattr(cfg, key) < 1:
             raise XLabError(f"model.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.d_model % cfg.n_head:
         raise XLabError(f"model.n_head={cfg.n_head} must divide model.d_model={cfg.d_model}")
+    n_kv = cfg.n_kv_head or cfg.n_head
+    if n_kv < 1 or cfg.n_head % n_kv:
+        raise XLabError(f"model.n_kv_head={cfg.n_kv_head} must divide model.n_head={cfg.n_head}")
+    if cfg.pos_emb == "rope" and (cfg.d_model // cfg.n_head) % 2:
+        raise XLabError(f"model.pos_emb=rope needs an even head dim, got d_model/n_head={cfg.d_model // cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise XLabError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    if cfg.norm_position not in ("pre", "post"):
+        raise XLabError(f"model.norm_position={cfg.norm_position!r}; valid: pre, post")
+    if cfg.residual_init not in RESIDUAL_INITS:
+        raise XLabError(f"model.residual_init={cfg.residual_init!r}; valid: {', '.join(RESIDUAL_INITS)}")
+    if cfg.logit_softcap is not None and cfg.logit_softcap <= 0:
+        raise XLabError(f"model.logit_softcap={cfg.logit_softcap} must be > 0 (or null to disable)")
+    if cfg.z_loss < 0 or cfg.init_std <= 0 or cfg.norm_eps <= 0 or (cfg.d_ff is not None and cfg.d_ff < 1):
+        raise XLabError("model.z_loss must be >= 0, model.init_std, model.norm_eps and model.d_ff > 0")
     NORMS.get(cfg.norm), POS_EMBS.get(cfg.pos_emb), MLPS.get(cfg.mlp)  # unknown part names fail here
 
 
@@ -130,7 +245,8 @@ class XLabModel(nn.Module):
         self.pos_emb = POS_EMBS.get(cfg.pos_emb)(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = NORMS.get(cfg.norm)(cfg.d_model, cfg)
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
+        self.norm_f = NORMS.get(cfg.norm)(cfg.d_model, cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             # Input and output embeddings share one matrix (GPT-2): fewer parameters, and rare tokens' output
@@ -142,10 +258,14 @@ class XLabModel(nn.Module):
         std = self.cfg.init_std
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_proj", False):
-                # Each block adds two residual branches; scale their output projections so the residual stream's
-                # variance does not grow with depth (GPT-2 paper, section 2.3).
-                std = std / math.sqrt(2 * self.cfg.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+                if self.cfg.residual_init == "zero":
+                    # Each block starts as the identity; training grows the branches (modded-nanoGPT, ReZero).
+                    std = 0.0
+                elif self.cfg.residual_init == "scaled":
+                    # Each block adds two residual branches; scale their output projections so the residual
+                    # stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+                    std = std / math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std) if std > 0 else nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -168,7 +288,7 @@ class XLabModel(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6·N for the weights plus 12·L·d·T for attention scores
-        (PaLM appendix B). N excludes embeddings, which are lookups, but includes the output head."""
+        (PaLM appendix B). N excludes embedding lookups but includes the output head."""
         t = seq_len or self.cfg.max_len
         n = self.num_params(exclude_embeddings=True)
         if self.cfg.tie_embeddings:
@@ -180,10 +300,14 @@ class XLabModel(nn.Module):
         if t > self.cfg.max_len:
             raise ValueError(f"sequence of {t} tokens is longer than max_len={self.cfg.max_len}")
         positions = torch.arange(t, device=input_ids.device)
-        x = self.drop(self.pos_emb(self.tok_emb(input_ids), positions))
+        x = self.drop(self.pos_emb.embed(self.tok_emb(input_ids), positions))
         for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm_f(x))
+            x = block(x, self.pos_emb, positions)
+        logits = self.lm_head(self.norm_f(x))
+        if self.cfg.logit_softcap:
+            # Smoothly bound logits to (-cap, cap) (Gemma 2): keeps early training from over-confident spikes.
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
 
     @classmethod
     def load_from_checkpoint(cls, path: str, map_location: str | torch.device | None = None) -> XLabModel:
@@ -191,3 +315,15 @@ class XLabModel(nn.Module):
         from xlab.checkpoint import load_model
 
         return load_model(path, map_location=map_location)
+
+
+def lm_loss_sums(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, cross-entropy), each summed over tokens. The objective adds z_loss · logsumexp(logits)², which
+    keeps the softmax normaliser near 1 (PaLM) so logits do not drift in bf16."""
+    flat = logits.flatten(0, 1).float()
+    ce = F.cross_entropy(flat, targets.flatten(), reduction="sum")
+    if z_loss == 0:
+        return ce, ce
+    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().sum(), ce
