@@ -64,45 +64,63 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """A document source (xlab/data/) split by document into train/val/test/predict."""
+    """A document source (xlab/data/) split by document into train/val/test/predict; see configs/data/*.yaml."""
 
     name: str = "pydocs"
     split_fractions: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.025, 0.025])
     split_seed: int = 1234
     num_proc: int | None = None  # tokenization processes; None = 1 for small corpora, all cores for large ones
+    max_documents: int | None = None  # only the first N documents of the source (partial runs); None = all
+    data_files: str | None = None  # glob of local files (wikipedia: parquet shards; text_files: txt/jsonl/parquet)
+    streaming: bool = False  # hub datasets: stream instead of download + convert; local files are read in place
+    hub_dataset: str | None = None  # datasets.load_dataset path, e.g. wikimedia/wikipedia
+    hub_config: str | None = None  # its config name, e.g. 20231101.en
+    hub_split: str = "train"
+    text_column: str = "text"
+    title_column: str | None = None  # prepended to the text as its first line (Wikipedia's title)
+    id_column: str | None = None  # a stable document id; None (text_files) = file path and row number
+    shard_size_mb: float = 1024.0  # token shard files are cut at document boundaries below this size
 
 
 @dataclass
 class TokenizerConfig:
     """A tokenizer trained on the train split; see xlab/tokenizer.py."""
 
-    name: str = "bpe"
+    name: str = "bpe"  # bpe (byte-level) | unigram | wordpiece
     vocab_size: int = 4096
-    min_frequency: int = 2
+    min_frequency: int = 2  # bpe, wordpiece: merges seen fewer times are not learned
+    normalization: str | None = None  # None | nfc | nfkc | nfd | nfkd, applied before tokenizing
+    lowercase: bool = False
+    train_docs: int | None = 100_000  # train on this many documents sampled from the train split; None = all
     sos_token: str = "<|sos|>"
     eos_token: str = "<|eos|>"
     pad_token: str = "<|pad|>"
     unk_token: str = "<|unk|>"
+    extra_special_tokens: list[str] = field(default_factory=list)  # reserved ids after the four above
 
 
 @dataclass
 class OptimizerConfig:
     """See xlab/optimizers.py."""
 
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    name: str = "adamw"  # adamw | muon | sgd
+    lr: float = 1e-3  # peak lr (for muon: of the Muon-updated hidden matrices)
+    weight_decay: float = 0.1  # on matrices only; never on norms, biases or embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (also muon's AdamW part)
     eps: float = 1e-8
+    momentum: float = 0.95  # muon and sgd
+    nesterov: bool = True  # muon and sgd
+    adam_lr: float | None = None  # muon: lr of the AdamW part (embeddings, head, norms, biases); None = lr
 
 
 @dataclass
 class SchedulerConfig:
     """See xlab/schedulers.py. Learning rate multiplier over optimizer steps."""
 
-    name: str = "cosine"
+    name: str = "cosine"  # cosine | linear | constant | wsd
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of the peak lr
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to the floor
 
 
 @dataclass
@@ -118,6 +136,7 @@ class TrainerConfig:
     eval_batches: int = 20
     ckpt_every: int = 600
     log_every: int = 25
+    compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
 
 
 @dataclass
@@ -145,6 +164,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1337
     resume: str | None = None  # a checkpoint path, or "auto" for <run dir>/checkpoints/last if it exists
+    init_from: str | None = None  # "hf:DIR": start from a local transformers GPT-2/Llama/Qwen3 model and tokenizer
 
 
 @dataclass
@@ -166,12 +186,18 @@ class GenerateConfig:
     temperature: float = 1.0
     seed: int | None = 0
     device: str = "auto"
+    prompts_from: str | None = None  # a split (predict): prompt with the first prompt_tokens of its documents
+    num_prompts: int = 8
+    prompt_tokens: int = 32
+    out: str | None = None  # prompts_from output prefix; None = <checkpoint dir>/samples_<split>.{jsonl,md}
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 @dataclass
 class ExportConfig:
     ckpt: str = MISSING
-    out: str | None = None  # None = <checkpoint dir>-export
+    out: str | None = None  # None = <checkpoint dir>-export (xlab) or <checkpoint dir>-hf (hf)
+    format: str = "xlab"  # xlab: safetensors + tokenizer.json + config.yaml; hf: a transformers model directory
 
 
 def register_configs() -> None:

@@ -1,4 +1,8 @@
-"""`python -m xlab.export ckpt=PATH out=DIR`: weights, tokenizer and config only (no optimizer state)."""
+"""`python -m xlab.export ckpt=PATH out=DIR [format=xlab|hf]`.
+
+format=xlab: weights, tokenizer and config only (no optimizer state). format=hf: a transformers model directory
+(GPT-2, Llama or Qwen3 class, whichever computes exactly the same function) with its tokenizer files.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,17 @@ from xlab.cli import hydra_app
 
 def task(cfg: DictConfig) -> str:
     from xlab.checkpoint import export_checkpoint, resolve_checkpoint
+    from xlab.errors import XLabError
 
     ckpt = resolve_checkpoint(cfg.ckpt)
-    out = export_checkpoint(ckpt, cfg.out or f"{ckpt}-export")
+    if cfg.format == "xlab":
+        out = export_checkpoint(ckpt, cfg.out or f"{ckpt}-export")
+    elif cfg.format == "hf":
+        from xlab.models.hf import export_hf
+
+        out = export_hf(ckpt, cfg.out or f"{ckpt}-hf")
+    else:
+        raise XLabError(f"format={cfg.format!r}; valid: xlab, hf")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {ckpt} -> {out} ({size / 1e6:.2f} MB)")
     return str(out)

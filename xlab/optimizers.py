@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,11 +15,16 @@ from xlab.registry import Registry
 OPTIMIZERS: Registry[Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = Registry("optimizer")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """Parameters that are lookup tables: token/position embeddings and a head tied to them."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases or embeddings (a tied output head is an embedding)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = _embedding_ids(model)
     decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+    for p in model.parameters() if params is None else params:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
@@ -28,19 +34,71 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def check_optimizer_config(cfg: OptimizerConfig) -> None:
     OPTIMIZERS.get(cfg.name)
-    if cfg.lr <= 0:
-        raise XLabError(f"optimizer.lr={cfg.lr} must be > 0")
+    for key in ("lr", "adam_lr"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise XLabError(f"optimizer.{key}={value} must be > 0")
     if cfg.weight_decay < 0:
         raise XLabError(f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise XLabError(f"optimizer.betas={list(cfg.betas)} must be two numbers in [0, 1)")
+    if not 0 <= cfg.momentum < 1:
+        raise XLabError(f"optimizer.momentum={cfg.momentum} must be in [0, 1)")
+
+
+def _adamw(groups: list[dict], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    # The fused kernel updates every parameter in one pass (CPU and CUDA); fall back to foreach where it is missing.
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        raise XLabError(f"optimizer.betas={list(cfg.betas)} must be two numbers in [0, 1)")
-    groups = param_groups(model, cfg.weight_decay)
-    # The fused kernel updates every parameter in one pass (CPU and CUDA); fall back to foreach where it is missing.
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    return _adamw(param_groups(model, cfg.weight_decay), cfg, cfg.lr)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one, so a single LR scheduler, grad clipping and Accelerate see one object.
+    Its param_groups are the children's own group dicts: a scheduler's lr changes reach the children."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            opt.load_state_dict(state)
+
+
+@OPTIMIZERS.register("muon")
+def muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Muon (orthogonalised momentum) on the 2-D weights inside the blocks; AdamW on embeddings, the output head,
+    norms and biases, which Muon is not designed for (Jordan et al. 2024)."""
+    head = getattr(model, "lm_head", None)
+    excluded = _embedding_ids(model) | ({id(head.weight)} if head is not None else set())
+    hidden = [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in excluded]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
+    muon_opt = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov)
+    adam_opt = _adamw(param_groups(model, cfg.weight_decay, rest), cfg, cfg.adam_lr or cfg.lr)
+    return CombinedOptimizer([muon_opt, adam_opt])

@@ -1,4 +1,5 @@
-"""Learning-rate schedules (`scheduler.name` in configs/scheduler/*.yaml) as torch LambdaLR multipliers."""
+"""Learning-rate schedules (`scheduler.name` in configs/scheduler/*.yaml), as multipliers of the peak lr given to
+torch's LambdaLR. Every schedule warms up linearly over warmup_steps, and the decaying ones end at min_lr_ratio."""
 
 from __future__ import annotations
 
@@ -15,26 +16,40 @@ Multiplier = Callable[[int], float]
 SCHEDULERS: Registry[Callable[[SchedulerConfig, int], Multiplier]] = Registry("scheduler")
 
 
-def _warmup(step: int, warmup: int) -> float | None:
-    """Linear ramp over the first `warmup` steps (step 0 already trains at lr/warmup), then None."""
-    return (step + 1) / warmup if step < warmup else None
+def _with_warmup(cfg: SchedulerConfig, after: Multiplier) -> Multiplier:
+    """Linear ramp over the first warmup_steps (step 0 already trains at lr/warmup), then `after`."""
+    return lambda step: (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else after(step)
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    return min(1.0, max(0.0, (step - start) / max(1, end - start)))
 
 
 @SCHEDULERS.register("cosine")
 def cosine(cfg: SchedulerConfig, max_steps: int) -> Multiplier:
-    def f(step: int) -> float:
-        w = _warmup(step, cfg.warmup_steps)
-        if w is not None:
-            return w
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    floor = cfg.min_lr_ratio
+    return _with_warmup(cfg, lambda step: floor + (1 - floor) * 0.5 * (
+        1 + math.cos(math.pi * _progress(step, cfg.warmup_steps, max_steps))))
 
-    return f
+
+@SCHEDULERS.register("linear")
+def linear(cfg: SchedulerConfig, max_steps: int) -> Multiplier:
+    floor = cfg.min_lr_ratio
+    return _with_warmup(cfg, lambda step: 1 - (1 - floor) * _progress(step, cfg.warmup_steps, max_steps))
 
 
 @SCHEDULERS.register("constant")
 def constant(cfg: SchedulerConfig, max_steps: int) -> Multiplier:
-    return lambda step: _warmup(step, cfg.warmup_steps) or 1.0
+    return _with_warmup(cfg, lambda step: 1.0)
+
+
+@SCHEDULERS.register("wsd")
+def warmup_stable_decay(cfg: SchedulerConfig, max_steps: int) -> Multiplier:
+    """Warmup, a long stable phase at the peak, then a linear decay over the last decay_fraction of training
+    (MiniCPM): checkpoints from the stable phase can be decayed later to branch off runs."""
+    floor = cfg.min_lr_ratio
+    decay_start = max(cfg.warmup_steps, round(max_steps * (1 - cfg.decay_fraction)))
+    return _with_warmup(cfg, lambda step: 1 - (1 - floor) * _progress(step, decay_start, max_steps))
 
 
 def check_scheduler_config(cfg: SchedulerConfig) -> None:
@@ -43,6 +58,8 @@ def check_scheduler_config(cfg: SchedulerConfig) -> None:
         raise XLabError(f"scheduler.warmup_steps={cfg.warmup_steps} must be >= 0")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise XLabError(f"scheduler.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    if not 0 <= cfg.decay_fraction <= 1:
+        raise XLabError(f"scheduler.decay_fraction={cfg.decay_fraction} must be in [0, 1]")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_steps: int):

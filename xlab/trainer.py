@@ -101,7 +101,8 @@ def check_config(cfg: TrainConfig) -> None:
     MODELS.get(cfg.model.name)
     check_model_config(cfg.model)
     check_split_fractions(cfg.data.split_fractions)
-    check_tokenizer_config(cfg.tokenizer)
+    if cfg.init_from is None:  # a pretrained tokenizer is taken as it is
+        check_tokenizer_config(cfg.tokenizer)
     check_optimizer_config(cfg.optimizer)
     check_scheduler_config(cfg.scheduler)
     for name in cfg.logger.trackers:
@@ -126,10 +127,16 @@ def _resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
 def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Train as configured, writing metrics and checkpoints under run_dir; returns the final val metrics."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 
     if not isinstance(cfg, TrainConfig):  # a DictConfig from Hydra: turn it into the typed dataclasses
         cfg = OmegaConf.to_object(cfg)
+    init = None
+    if cfg.init_from is not None:  # the pretrained model's architecture and tokenizer replace the configured ones
+        from xlab.models.hf import load_init
+
+        init = load_init(cfg.init_from)
+        cfg.model, cfg.tokenizer = init.model_config, init.tokenizer
     check_config(cfg)
     run_dir = Path(run_dir)
     t = cfg.trainer
@@ -142,18 +149,20 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the number of ranks
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
     )
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # same initial weights on every rank
 
-    datamodule = XLabDataModule(cfg.data, cfg.tokenizer, cfg.paths.cache_dir)
+    datamodule = XLabDataModule(cfg.data, cfg.tokenizer, cfg.paths.cache_dir,
+                                tokenizer_file=init.tokenizer_file if init else None)
     with accelerator.main_process_first():  # rank 0 builds the cache, the others then find it
         datamodule.prepare()
     tokenizer = datamodule.tokenizer
     seq_len = cfg.model.max_len
     sampler = datamodule.train_windows(seq_len, t.batch_size, cfg.seed, rank=accelerator.process_index)
 
-    model = MODELS.get(cfg.model.name)(vocab_size=len(tokenizer), **asdict(cfg.model))
+    model = init.model if init else MODELS.get(cfg.model.name)(vocab_size=len(tokenizer), **asdict(cfg.model))
     if main:
         log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
                  model.num_params() / 1e6, model.flops_per_token(), len(tokenizer), seq_len)
