@@ -124,6 +124,24 @@ class SchedulerConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """Decoding (configs/sampler/*.yaml; xlab/sampling.py). Temperature, top_k and top_p apply when sampling, in
+    that order (transformers' order); repetition_penalty and min_new_tokens apply to every sampler."""
+
+    name: str = "multinomial"  # greedy | multinomial | top_k | top_p | beam
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens already in the sequence
+    min_new_tokens: int = 0  # eos is forbidden until this many tokens are generated
+    stop: list[str] = field(default_factory=list)  # stop strings: the text is cut where one appears
+    num_beams: int = 4  # beam
+    length_penalty: float = 1.0  # beam: scores are sum(logprobs) / length ** length_penalty
+    early_stopping: str = "false"  # beam: true | false | never (transformers' semantics)
+    num_return_sequences: int = 1  # beam: best sequences returned per prompt (<= num_beams)
+
+
+@dataclass
 class TrainerConfig:
     """See xlab/trainer.py."""
 

@@ -1,10 +1,29 @@
-"""Sampling from a trained model."""
+"""Sampling from a trained model: the seed's `sample` and a batched `generate` over any sampler.
+
+    from xlab import inference
+    out = inference.generate(model, tokenizer, ["The list", "A dict"], sampler="beam", num_beams=4)
+    out[0].text, out[0].tokens, out[0].score
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+
 import torch
 
+from xlab.config import SamplerConfig
 from xlab.errors import XLabError
+from xlab.sampling import SAMPLERS, check_sampler_config, decode_tokens
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the continuation, cut at the first stop string
+    tokens: list[int]  # generated ids, eos included if produced
+    score: float | None = None  # beam search: length-normalised log-probability
 
 
 @torch.no_grad()
@@ -17,28 +36,93 @@ def sample(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Multinomial sampling of up to `output_length` new tokens after the 1-D prompt `inputs`.
-
-    The model sees at most the last `block_size` tokens. Sampling stops at `eos_class` (not included in the result).
-    `temperature=0` picks the most likely token. Returns the new token ids.
-    """
+    """The seed's API: sample up to `output_length` new tokens after the 1-D prompt `inputs` (multinomial with
+    temperature; 0 = greedy), stopping at `eos_class` (not returned). The model sees at most the last `block_size`
+    tokens. Returns the new token ids."""
     if inputs.dim() != 1 or inputs.numel() == 0:
         raise XLabError("inputs must be a non-empty 1-D tensor of token ids")
-    if temperature < 0:
-        raise XLabError(f"temperature={temperature} must be >= 0")
     if output_length < 0:
         raise XLabError(f"output_length={output_length} must be >= 0")
-    tokens = inputs.clone()
-    out: list[int] = []
-    for _ in range(output_length):
-        logits = model(tokens[-block_size:].unsqueeze(0))[0, -1].float()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        if nxt == eos_class:
-            break
-        out.append(nxt)
-        tokens = torch.cat([tokens, torch.tensor([nxt], device=tokens.device)])
-    return out
+    cfg = SamplerConfig(name="multinomial", temperature=temperature)
+    check_sampler_config(cfg)
+    ids = inputs[-min(block_size, model.max_len):][None]
+    eos = [eos_class] if eos_class is not None else []
+    tokens = decode_tokens(model, ids, torch.ones_like(ids), cfg, output_length, eos, generator)[0].tokens
+    return tokens[:-1] if tokens and tokens[-1] == eos_class else tokens
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sampler_config(sampler: str | SamplerConfig | dict, **options: object) -> SamplerConfig:
+    if isinstance(sampler, str):
+        cfg = SamplerConfig(name=sampler)
+        if sampler == "greedy":
+            cfg = replace(cfg, temperature=0.0)
+    elif isinstance(sampler, dict):
+        cfg = SamplerConfig(**sampler)
+    else:
+        cfg = sampler
+    known = {f.name for f in fields(SamplerConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise XLabError(f"unknown sampler option(s) {unknown}; valid: {', '.join(sorted(known))}")
+    cfg = replace(cfg, **options)
+    check_sampler_config(cfg)
+    return cfg
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: str | Sequence[str],
+    sampler: str | SamplerConfig | dict = "greedy",
+    max_new_tokens: int = 50,
+    seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    **options: object,
+) -> list[Generation]:
+    """Continue each prompt (sos is prepended) with the chosen sampler. Beam search returns
+    num_return_sequences generations per prompt, best first; the others one per prompt.
+    Prompts longer than the context keep their last max_len - 1 tokens (with a warning)."""
+    cfg = sampler_config(sampler, **options)
+    if max_new_tokens < 0:
+        raise XLabError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise XLabError("no prompts given")
+    encoded = []
+    for text in prompts:
+        ids = [tokenizer.sos_id, *tokenizer.encode(text)]
+        if len(ids) > model.max_len - 1:
+            warnings.warn(f"prompt of {len(ids)} tokens keeps its last {model.max_len - 1} (max_len={model.max_len})",
+                          stacklevel=2)
+            ids = ids[-(model.max_len - 1):]
+        encoded.append(ids)
+    input_ids, mask = left_pad(encoded, tokenizer[tokenizer.pad_token], model.device)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = [tokenizer.eos_id]
+
+    def is_done(row: int, tokens: list[int]) -> bool:  # stop strings end a row early
+        return bool(cfg.stop) and cut_at_stop(tokenizer.decode(tokens), cfg.stop)[1]
+
+    seqs = SAMPLERS.get(cfg.name)(model, input_ids, mask, cfg, max_new_tokens, eos, generator=generator,
+                                  is_done=is_done, on_token=on_token)
+    results = []
+    for s in seqs:
+        text, _ = cut_at_stop(tokenizer.decode(s.tokens), cfg.stop)
+        results.append(Generation(prompts[s.row], text, s.tokens, s.score))
+    return results

@@ -116,20 +116,55 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = norm(self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
         self.k_norm = norm(self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos: Positions, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: Positions, positions: torch.Tensor,
+        cache: KVCache | None = None, mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, kv_dim, kv_dim], dim=-1)
         q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)
         q, k = pos.rotate(self.q_norm(q), self.k_norm(k), positions)
+        if cache is not None:  # attend to every cached key as well as the new ones
+            k, v = cache.update(self.layer_idx, k, v)
         # SDPA picks the fastest kernel for the device and dtype; enable_gqa lets query head i read kv head
         # i // (n_head / n_kv_head) without materialising repeated keys and values.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            q, k, v, attn_mask=mask, is_causal=mask is None,  # no mask = plain causal attention from position 0
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, preallocated for max_len positions, so decoding
+    computes attention for one new token per step instead of re-running the whole sequence."""
+
+    def __init__(self, model: XLabModel, batch_size: int) -> None:
+        c = model.cfg
+        self.shape = (batch_size, c.n_kv_head or c.n_head, c.max_len, c.d_model // c.n_head)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.n_layer = c.n_layer
+        self.length = 0  # positions filled (the same for every row)
+        self.max_len = c.max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.k) <= layer:  # allocated on first use, in the dtype attention runs in (autocast or not)
+            self.k.append(k.new_zeros(self.shape))
+            self.v.append(v.new_zeros(self.shape))
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        if layer == self.n_layer - 1:
+            self.length = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep/duplicate batch rows (beam search: the beams that survive a step)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
 
 
 # --- MLPs --------------------------------------------------------------------------------------------------------
@@ -194,11 +229,14 @@ class Block(nn.Module):
         self.mlp = MLPS.get(cfg.mlp)(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, pos: Positions, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: Positions, positions: torch.Tensor,
+        cache: KVCache | None = None, mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), pos, positions))
+            x = x + self.drop(self.attn(self.norm1(x), pos, positions, cache, mask))
             return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, pos, positions)))
+        x = self.norm1(x + self.drop(self.attn(x, pos, positions, cache, mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
@@ -245,6 +283,8 @@ class XLabModel(nn.Module):
         self.pos_emb = POS_EMBS.get(cfg.pos_emb)(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        for i, block in enumerate(self.blocks):
+            block.attn.layer_idx = i  # its slot in a KVCache
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
         self.norm_f = NORMS.get(cfg.norm)(cfg.d_model, cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -295,14 +335,35 @@ class XLabModel(nn.Module):
             n += self.lm_head.weight.numel()  # the head is a real matmul even when tied to the lookup table
         return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.d_model * t
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        t = input_ids.shape[1]
-        if t > self.cfg.max_len:
-            raise ValueError(f"sequence of {t} tokens is longer than max_len={self.cfg.max_len}")
-        positions = torch.arange(t, device=input_ids.device)
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits for every input position.
+
+        cache: a KVCache; the input continues the cached tokens and is added to the cache (prefill, then one token
+        per step). attention_mask: (B, cached + T) with 0 for padding, for batches of left-padded prompts; each
+        row's positions then count its real tokens only, so a padded row computes what it would alone.
+        """
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + t > self.cfg.max_len:
+            raise ValueError(f"sequence of {past + t} tokens is longer than max_len={self.cfg.max_len}")
+        mask = None
+        if attention_mask is None:
+            positions = torch.arange(past, past + t, device=input_ids.device)
+            if past > 0:  # tokens after cached ones: causal within the new chunk, all of the past
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)
+        else:
+            keep = attention_mask.bool()
+            positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            causal = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)
+            mask = (causal[None] & keep[:, None, :])[:, None]  # (B, 1, T, past + T)
+            arange = torch.arange(past + t, device=input_ids.device)
+            own = arange == arange[past:, None]
+            mask = mask | own  # a padding query sees itself: no row of the mask is empty (NaN-free)
         x = self.drop(self.pos_emb.embed(self.tok_emb(input_ids), positions))
         for block in self.blocks:
-            x = block(x, self.pos_emb, positions)
+            x = block(x, self.pos_emb, positions, cache, mask)
         logits = self.lm_head(self.norm_f(x))
         if self.cfg.logit_softcap:
             # Smoothly bound logits to (-cap, cap) (Gemma 2): keeps early training from over-confident spikes.
