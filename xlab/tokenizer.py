@@ -1,7 +1,11 @@
 """Tokenizers trained with Hugging Face `tokenizers`, wrapped with the small surface the rest of XLab uses.
 
-`tokenizer.name` in configs/tokenizer/*.yaml picks a trainer from TOKENIZERS. A trained tokenizer is a
-`tokenizer.json` plus the names of its special tokens (kept in the run's config.yaml).
+`tokenizer.name` in configs/tokenizer/*.yaml picks a trainer from TOKENIZERS: `bpe`, `unigram` or `wordpiece`.
+All three work on byte-level pre-tokens (GPT-2's scheme: text is split into words with their leading space and
+each byte is mapped to a printable symbol), and all 256 byte symbols are in every vocabulary. So any UTF-8 text
+encodes without unknown tokens and decodes back exactly — up to the configured normalisation (NFC/NFKC, lowercase),
+which is applied before tokenizing. A trained tokenizer is a `tokenizer.json` plus the names of its special tokens
+(kept in the run's config.yaml).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from xlab.config import TokenizerConfig
 from xlab.errors import XLabError
@@ -17,18 +21,42 @@ from xlab.registry import Registry
 
 Trainer = Callable[[Iterator[str], TokenizerConfig], Tokenizer]
 TOKENIZERS: Registry[Trainer] = Registry("tokenizer")
+NORMALIZATIONS = ("nfc", "nfd", "nfkc", "nfkd")
+# WordPiece marks word-internal pieces with a prefix. It must be a symbol the byte-level alphabet (U+0021..U+0143)
+# never produces, or decoding could not tell a prefix from text; "##" would eat Markdown headings.
+WORDPIECE_PREFIX = "\u2026"  # "…"
 
 
 def special_tokens(cfg: TokenizerConfig) -> list[str]:
-    return [cfg.sos_token, cfg.eos_token, cfg.pad_token, cfg.unk_token]
+    return [cfg.sos_token, cfg.eos_token, cfg.pad_token, cfg.unk_token, *cfg.extra_special_tokens]
+
+
+def _normalizer(cfg: TokenizerConfig) -> normalizers.Normalizer | None:
+    steps = []
+    if cfg.normalization:
+        steps.append({"nfc": normalizers.NFC, "nfd": normalizers.NFD, "nfkc": normalizers.NFKC,
+                      "nfkd": normalizers.NFKD}[cfg.normalization.lower()]())
+    if cfg.lowercase:
+        steps.append(normalizers.Lowercase())
+    return normalizers.Sequence(steps) if steps else None
+
+
+def _byte_level(model: models.Model, cfg: TokenizerConfig, decoder: decoders.Decoder | None = None) -> Tokenizer:
+    tok = Tokenizer(model)
+    normalizer = _normalizer(cfg)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoder or decoders.ByteLevel()
+    return tok
 
 
 @TOKENIZERS.register("bpe")
 def train_bpe(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
-    """Byte-level BPE (GPT-2's scheme): any UTF-8 text encodes without unknown tokens."""
-    tok = Tokenizer(models.BPE(unk_token=cfg.unk_token))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    """Byte-level BPE (GPT-2's scheme): merges of the most frequent adjacent symbol pairs. A word that is itself in
+    the vocabulary becomes that one token without replaying merges (`ignore_merges`, as in Llama 3): ~10% faster
+    encoding, and decoding is unaffected."""
+    tok = _byte_level(models.BPE(unk_token=cfg.unk_token, ignore_merges=True), cfg)
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
@@ -40,14 +68,81 @@ def train_bpe(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     return tok
 
 
+@TOKENIZERS.register("unigram")
+def train_unigram(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
+    """Unigram language model (SentencePiece's default) over byte-level pre-tokens: the most likely segmentation
+    under learned piece probabilities. `min_frequency` does not apply. A small corpus may yield fewer pieces than
+    vocab_size."""
+    tok = _byte_level(models.Unigram(), cfg)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=special_tokens(cfg),
+        unk_token=cfg.unk_token,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+@TOKENIZERS.register("wordpiece")
+def train_wordpiece(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
+    """WordPiece (BERT's model) over byte-level pre-tokens: greedy longest-match, word-internal pieces prefixed."""
+    decoder = decoders.Sequence([decoders.Replace(WORDPIECE_PREFIX, ""), decoders.ByteLevel()])
+    tok = _byte_level(models.WordPiece(unk_token=cfg.unk_token, continuing_subword_prefix=WORDPIECE_PREFIX), cfg,
+                      decoder)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=special_tokens(cfg),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        continuing_subword_prefix=WORDPIECE_PREFIX,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # WordPiece turns a whole word into <unk> when one piece is missing. The trainer only adds the word-internal
+    # form of the bytes it saw there, so add all 256, in place of the last-learned pieces to keep vocab_size.
+    vocab = tok.get_vocab()
+    missing = [WORDPIECE_PREFIX + c for c in pre_tokenizers.ByteLevel.alphabet() if WORDPIECE_PREFIX + c not in vocab]
+    if missing:
+        specials = set(special_tokens(cfg))
+        keep = sorted(vocab.items(), key=lambda kv: kv[1])
+        room = max(len(keep) + len(missing) - cfg.vocab_size, 0)
+        droppable = [i for i, (piece, _) in enumerate(keep) if piece not in specials and len(piece) > 1
+                     and not (piece.startswith(WORDPIECE_PREFIX) and len(piece) == len(WORDPIECE_PREFIX) + 1)]
+        drop = set(droppable[len(droppable) - room:]) if room else set()
+        pieces = [piece for i, (piece, _) in enumerate(keep) if i not in drop] + missing
+        model = models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token=cfg.unk_token,
+                                 continuing_subword_prefix=WORDPIECE_PREFIX, max_input_chars_per_word=10_000)
+        tok.model = model
+    else:
+        tok.model = models.WordPiece(vocab, unk_token=cfg.unk_token, continuing_subword_prefix=WORDPIECE_PREFIX,
+                                     max_input_chars_per_word=10_000)  # the default 100 would <unk> long URLs
+    tok.add_special_tokens(special_tokens(cfg))  # re-bind the specials to the new model's ids
+    return tok
+
+
 def check_tokenizer_config(cfg: TokenizerConfig) -> None:
     TOKENIZERS.get(cfg.name)
     specials = special_tokens(cfg)
     if len(set(specials)) != len(specials):
         raise XLabError(f"tokenizer special tokens must be distinct, got {specials}")
-    minimum = len(specials) + 256  # the specials plus the 256 byte symbols of byte-level BPE
+    if cfg.normalization is not None and cfg.normalization.lower() not in NORMALIZATIONS:
+        raise XLabError(f"tokenizer.normalization={cfg.normalization!r} is not valid; valid: null, "
+                        f"{', '.join(NORMALIZATIONS)}")
+    # the specials plus the 256 byte symbols (WordPiece: also their word-internal forms)
+    minimum = len(specials) + (512 if cfg.name == "wordpiece" else 256)
     if cfg.vocab_size < minimum:
         raise XLabError(f"tokenizer.vocab_size={cfg.vocab_size} is too small; it must be >= {minimum}")
+    if cfg.train_docs is not None and cfg.train_docs < 1:
+        raise XLabError(f"tokenizer.train_docs={cfg.train_docs} must be >= 1 (or null for the whole train split)")
+    if cfg.min_frequency < 0:
+        raise XLabError(f"tokenizer.min_frequency={cfg.min_frequency} must be >= 0")
+
+
+def train_tokenizer(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
+    check_tokenizer_config(cfg)
+    return TOKENIZERS.get(cfg.name)(texts, cfg)
 
 
 class XLabTokenizer:
@@ -71,7 +166,9 @@ class XLabTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast skips the character offsets we never use (about 10% faster)
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         if hasattr(ids, "tolist"):  # a tensor or numpy array

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from xlab.checkpoint import load_training_state, register_accelerate_hooks, resolve_checkpoint, save_checkpoint
 from xlab.config import Precision, TrainConfig, to_container
 from xlab.data.datamodule import XLabDataModule
-from xlab.data.sources import check_split_fractions
+from xlab.data.estimate import epoch_estimate
+from xlab.data.sources import check_data_config
 from xlab.errors import XLabError
 from xlab.loggers import TRACKERS, MetricsFile, flat_config
 from xlab.models import MODELS
@@ -100,7 +101,7 @@ def check_config(cfg: TrainConfig) -> None:
     """Every check that can fail before any work is done."""
     MODELS.get(cfg.model.name)
     check_model_config(cfg.model)
-    check_split_fractions(cfg.data.split_fractions)
+    check_data_config(cfg.data)
     if cfg.init_from is None:  # a pretrained tokenizer is taken as it is
         check_tokenizer_config(cfg.tokenizer)
     check_optimizer_config(cfg.optimizer)
@@ -162,10 +163,14 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
     seq_len = cfg.model.max_len
     sampler = datamodule.train_windows(seq_len, t.batch_size, cfg.seed, rank=accelerator.process_index)
 
+    tokens_per_step = t.batch_size * seq_len * t.grad_accum_steps  # per process
     model = init.model if init else MODELS.get(cfg.model.name)(vocab_size=len(tokenizer), **asdict(cfg.model))
     if main:
         log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
                  model.num_params() / 1e6, model.flops_per_token(), len(tokenizer), seq_len)
+        for line in epoch_estimate(model.flops_per_token(), len(datamodule.tokens("train")),
+                                   tokens_per_step * accelerator.num_processes, devices=accelerator.num_processes):
+            log.info(line)
     optimizer = OPTIMIZERS.get(cfg.optimizer.name)(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, t.max_steps)
     register_accelerate_hooks(accelerator)
@@ -186,7 +191,6 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
     if trackers:
         accelerator.init_trackers(cfg.logger.project, config=flat_config(config_dict))
     metrics = MetricsFile(run_dir / "metrics.jsonl")
-    tokens_per_step = t.batch_size * seq_len * t.grad_accum_steps  # per process
     world = accelerator.num_processes
 
     def run_eval() -> dict[str, float]:

@@ -1,13 +1,14 @@
 """XLabDataModule: the tokenizer and the token windows a training or evaluation run reads.
 
-Training draws random windows of max_len+1 tokens from the memory-mapped train split; batch k of rank r comes from
-a generator seeded with (seed, r, k), so the sampler's whole state is the number of batches drawn. Evaluation
-reads fixed, non-overlapping windows from the start of a split, so every run scores the same tokens.
+A split's tokens are one stream over its shard files (xlab/data/shards.py: memmaps with cumulative offsets), so
+windows read across shard boundaries like across document boundaries. Training draws random windows of max_len+1
+tokens from the train split; batch k of rank r comes from a generator seeded with (seed, r, k), so the sampler's
+whole state is the number of batches drawn. Evaluation reads fixed, non-overlapping windows from the start of a
+split, so every run scores the same tokens.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,15 +17,23 @@ import torch
 
 from xlab.config import DataConfig, TokenizerConfig, user_cache_dir
 from xlab.data.prepare import Prepared, prepare_data
+from xlab.data.shards import TokenShards
 from xlab.data.sources import SPLITS
 from xlab.errors import XLabError
 from xlab.tokenizer import XLabTokenizer
+
+Tokens = np.ndarray | TokenShards
+
+
+def as_shards(tokens: Tokens) -> TokenShards:
+    return tokens if isinstance(tokens, TokenShards) else TokenShards([tokens])
 
 
 class RandomWindows:
     """Batches of (inputs, targets), each a random window of the token stream shifted by one."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> None:
+    def __init__(self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> None:
+        tokens = as_shards(tokens)
         if len(tokens) < seq_len + 1:
             raise XLabError(
                 f"the train split has {len(tokens)} tokens, fewer than one window of model.max_len+1={seq_len + 1}"
@@ -48,9 +57,10 @@ class RandomWindows:
 
 
 def eval_windows(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None
+    tokens: Tokens, seq_len: int, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive windows with stride seq_len: each target token of the split is scored exactly once."""
+    tokens = as_shards(tokens)
     starts = np.arange(0, len(tokens) - seq_len, seq_len)
     if max_batches is not None:
         starts = starts[: max_batches * batch_size]
@@ -91,15 +101,11 @@ class XLabDataModule:
             self._tokenizer = XLabTokenizer.from_file(self.tokenizer_path, self.tokenizer_cfg)
         return self._tokenizer
 
-    def tokens(self, split: str) -> np.ndarray:
+    def tokens(self, split: str) -> TokenShards:
+        """The split's token stream (memmapped shards; index it like an array, np.asarray() to concatenate)."""
         if split not in SPLITS:
             raise XLabError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-        tokens_dir = self.prepare().tokens_dir
-        meta = json.loads((tokens_dir / "meta.json").read_text())
-        path = tokens_dir / f"{split}.bin"
-        if meta["splits"][split]["tokens"] == 0:
-            return np.zeros(0, dtype=meta["dtype"])
-        return np.memmap(path, dtype=meta["dtype"], mode="r")
+        return TokenShards.open(self.prepare().tokens_dir, split)
 
     def train_windows(self, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> RandomWindows:
         return RandomWindows(self.tokens("train"), seq_len, batch_size, seed, rank)

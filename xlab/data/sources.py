@@ -1,15 +1,22 @@
 """Document sources and the split every source shares.
 
-A source (`data.name` in configs/data/*.yaml) yields a `datasets.Dataset` with columns `id` and `text`, plus a cheap
-fingerprint that names its content in the cache without loading it. Documents are split by a hash of their id, so
-the split never depends on row order or on how the corpus is sharded.
+A source (`data.name` in configs/data/*.yaml) yields a `datasets.Dataset` or `datasets.IterableDataset` with columns
+`id` and `text`, plus a cheap fingerprint that names its content in the cache without loading it. Preparation reads
+every source the same way: Arrow batches in a fixed order (`document_batches`), so a 20 GB corpus streams through
+bounded memory.
+
+Documents are split by a seeded hash of their id: ranked by hash, cut at the cumulative fractions. The split never
+depends on row order or on how the corpus is sharded, and split sizes are exact (±1 document).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,14 +27,20 @@ from xlab.registry import Registry
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
+
+    AnyDataset = datasets.Dataset | datasets.IterableDataset
 
 SPLITS = ("train", "val", "test", "predict")
+READ_BATCH = 1000  # documents per Arrow batch read from a source; fixed, so shard boundaries never depend on it
 
 
 @dataclass(frozen=True)
 class Source:
     fingerprint: Callable[[DataConfig], str]  # cheap; changes whenever the documents would
-    load: Callable[[DataConfig], datasets.Dataset]  # columns: id (str), text (str)
+    # (cfg, ids_only) -> dataset with columns id (str) and, unless ids_only, text (str). ids_only lets a source skip
+    # reading the text (a column projection on parquet), which makes the first pass over a big corpus cheap.
+    load: Callable[[DataConfig, bool], AnyDataset]
 
 
 SOURCES: Registry[Source] = Registry("data source")
@@ -43,23 +56,43 @@ def check_split_fractions(fractions: Sequence[float]) -> None:
         raise XLabError(f"data.split_fractions={list(fractions)} needs a non-empty train and val split")
 
 
-def hash_order(ids: Sequence[str], seed: int) -> np.ndarray:
-    """A permutation of range(len(ids)) that depends only on the set of ids and the seed."""
-    keys = np.fromiter(
+def hash_keys(ids: Sequence[str], seed: int) -> np.ndarray:
+    """A uint64 per id that depends only on the id and the seed."""
+    return np.fromiter(
         (int.from_bytes(hashlib.blake2b(f"{seed}\x00{i}".encode(), digest_size=8).digest(), "little") for i in ids),
         dtype=np.uint64,
         count=len(ids),
     )
-    return np.argsort(keys, kind="stable")
+
+
+def hash_order(ids: Sequence[str], seed: int) -> np.ndarray:
+    """A permutation of range(len(ids)) that depends only on the set of ids and the seed."""
+    return np.argsort(hash_keys(ids, seed), kind="stable")
+
+
+def split_thresholds(keys: np.ndarray, fractions: Sequence[float]) -> np.ndarray:
+    """The hash key at which each split after the first begins: the keys of the documents ranked at the cumulative
+    fractions. With these, one document's split is known from its key alone (`assign_splits`), which lets a stream
+    be routed to splits batch by batch."""
+    check_split_fractions(fractions)
+    n = len(keys)
+    bounds = np.round(np.cumsum([0.0, *fractions]) * n).astype(np.int64)[1:-1]
+    ordered = np.sort(keys)
+    sentinel = np.iinfo(np.uint64).max
+    return np.array([ordered[b] if b < n else sentinel for b in bounds], dtype=np.uint64)
+
+
+def assign_splits(keys: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Index into SPLITS of each key (uint8)."""
+    return np.searchsorted(thresholds, keys, side="right").astype(np.uint8)
 
 
 def split_indices(ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
-    """Row indices of each split. Documents are ranked by a seeded hash of their id and cut at the cumulative
-    fractions, so split sizes are exact (±1 document) and a document's split never depends on row order."""
-    check_split_fractions(fractions)
-    order = hash_order(ids, seed)
-    bounds = np.round(np.cumsum([0.0, *fractions]) * len(ids)).astype(int)
-    return {name: order[bounds[i] : bounds[i + 1]] for i, name in enumerate(SPLITS)}
+    """Row indices of each split, in row order. Documents are ranked by a seeded hash of their id and cut at the
+    cumulative fractions, so split sizes are exact (±1 document) and a document's split never depends on row order."""
+    keys = hash_keys(ids, seed)
+    assigned = assign_splits(keys, split_thresholds(keys, fractions))
+    return {name: np.flatnonzero(assigned == i) for i, name in enumerate(SPLITS)}
 
 
 def split_dataset(ds: datasets.Dataset, fractions: Sequence[float], seed: int) -> dict[str, datasets.Dataset]:
@@ -68,3 +101,78 @@ def split_dataset(ds: datasets.Dataset, fractions: Sequence[float], seed: int) -
 
 def fingerprint(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def document_batches(
+    ds: AnyDataset, max_documents: int | None = None, skip: int = 0, batch_size: int | None = None
+) -> Iterator[pa.Table]:
+    """Arrow tables of consecutive documents in the source's fixed order, the first `skip` left out and at most
+    `max_documents` read. Arrow tables avoid a Python dict per row; reading stays sequential for parquet."""
+    seen = 0
+    for table in ds.with_format("arrow").iter(batch_size=batch_size or READ_BATCH):
+        if max_documents is not None and seen + table.num_rows > max_documents:
+            table = table.slice(0, max_documents - seen)
+        start, seen = seen, seen + table.num_rows
+        if seen > skip:
+            yield table.slice(max(0, skip - start)) if skip > start else table
+        if max_documents is not None and seen >= max_documents:
+            return
+
+
+def column(table: pa.Table, name: str) -> list[str]:
+    return table.column(name).to_pylist()
+
+
+def document_texts(table: pa.Table) -> pa.ChunkedArray:
+    """The text of each document of a batch: `title + "\\n\\n" + text` when the source has titles; a missing
+    text is empty. Arrow compute keeps this out of Python's per-row loop."""
+    import pyarrow.compute as pc
+
+    text = pc.fill_null(table.column("text"), "")
+    if "title" in table.column_names:
+        text = pc.binary_join_element_wise(pc.fill_null(table.column("title"), ""), text, "\n\n")
+    return text
+
+
+def check_data_config(data: DataConfig) -> None:
+    SOURCES.get(data.name)
+    check_split_fractions(data.split_fractions)
+    for key in ("max_documents", "num_proc"):
+        value = getattr(data, key)
+        if value is not None and value < 1:
+            raise XLabError(f"data.{key}={value} must be >= 1 (or null)")
+    if data.shard_size_mb <= 0:
+        raise XLabError(f"data.shard_size_mb={data.shard_size_mb} must be > 0")
+
+
+def split_ids(data: DataConfig) -> dict[str, list[str]]:
+    """The document ids of each split (kept in memory: for inspection and tests, not for a full corpus)."""
+    ds = SOURCES.get(data.name).load(data, True)
+    ids = [i for table in document_batches(ds, data.max_documents) for i in column(table, "id")]
+    splits = split_indices(ids, data.split_fractions, data.split_seed)
+    return {name: [ids[i] for i in idx] for name, idx in splits.items()}
+
+
+# ---- helpers for sources that read local files -----------------------------------------------------------------
+
+
+def resolve_files(pattern: str | None, key: str, suffixes: Sequence[str]) -> list[Path]:
+    """The files a glob names (`**` recurses; a directory means every file below it), sorted so the order is the
+    same on every machine; a one-line error if none match or some have an unsupported suffix."""
+    if not pattern:
+        raise XLabError(f"{key} is not set; give a glob of {'/'.join(suffixes)} files, e.g. {key}='corpus/*.txt'")
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", "*")
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise XLabError(f"no files match {key}={pattern!r}")
+    bad = [f for f in files if f.suffix.lower() not in suffixes]
+    if bad:
+        raise XLabError(f"{key} matches {str(bad[0])!r}, which is not one of {', '.join(suffixes)}")
+    return files
+
+
+def files_fingerprint(files: Sequence[Path]) -> str:
+    """Names the content of local files by path, size and modification time (hashing 20 GB would take minutes)."""
+    return fingerprint([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])

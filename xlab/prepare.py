@@ -1,0 +1,46 @@
+"""`python -m xlab.prepare [same overrides as train]`: build the tokenizer and token shards ahead of training.
+
+Training calls the same code (xlab/data/prepare.py) when the cache lacks them, so this is optional; it lets a big
+corpus be prepared on a CPU machine (or with all cores, before the GPUs are booked), and a killed preparation is
+continued by running it again. Prints the split sizes and the expected time per epoch of the configured run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+from xlab.cli import hydra_app
+
+log = logging.getLogger("xlab.prepare")
+
+
+def task(cfg: DictConfig) -> dict:
+    from xlab.config import TrainConfig
+    from xlab.data.datamodule import XLabDataModule
+    from xlab.data.estimate import epoch_estimate, model_flops_per_token
+
+    typed: TrainConfig = OmegaConf.to_object(cfg)
+    datamodule = XLabDataModule(typed.data, typed.tokenizer, typed.paths.cache_dir)
+    prepared = datamodule.prepare()
+    meta = json.loads((prepared.tokens_dir / "meta.json").read_text())
+    log.info("tokenizer: %s (%d tokens)", prepared.tokenizer_path, len(datamodule.tokenizer))
+    log.info("token files: %s (%s)", prepared.tokens_dir, meta["dtype"])
+    for name, split in meta["splits"].items():
+        shards = len(split.get("shards", [None]))
+        log.info("  %-8s %10d documents %14d tokens in %d shard(s)", name, split["documents"], split["tokens"], shards)
+    t = typed.trainer
+    flops, params = model_flops_per_token(typed.model, len(datamodule.tokenizer))
+    log.info("model: %.1fM parameters", params / 1e6)
+    tokens_per_step = t.batch_size * t.grad_accum_steps * typed.model.max_len
+    for line in epoch_estimate(flops, meta["splits"]["train"]["tokens"], tokens_per_step):
+        log.info(line)
+    return meta
+
+
+main = hydra_app("train", task)
+
+if __name__ == "__main__":
+    main()
