@@ -116,3 +116,41 @@ def test_resume_auto_continues_in_the_run_dir(tmp_path: Path):
     assert state["step"] == 6 and state["sampler"]["batches_drawn"] == 6
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6
+
+
+def test_generate_samplers_prompts_file_and_jsonl(tiny_run: Path, tmp_path: Path):
+    ckpt = tiny_run / "checkpoints" / "last"
+    beam = run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "sampler=beam", "sampler.num_beams=3",
+                   "sampler.num_return_sequences=2", "max_new_tokens=8", "output=jsonl").stdout.splitlines()
+    rows = [json.loads(line) for line in beam]
+    assert len(rows) == 2 and all(set(r) == {"prompt", "text", "tokens", "score"} for r in rows)
+    assert rows[0]["score"] >= rows[1]["score"] and all(len(r["tokens"]) <= 8 for r in rows)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The list\n\nReturn a\nA dict\n", encoding="utf-8")
+    out = run_cli("generate", f"ckpt={ckpt}", f"prompts_file={prompts}", "num_samples=2", "max_new_tokens=6",
+                  "sampler=top_k", "sampler.top_k=20", "output=jsonl", "batch_size=4").stdout.splitlines()
+    rows = [json.loads(line) for line in out]
+    assert [r["prompt"] for r in rows] == ["The list"] * 2 + ["Return a"] * 2 + ["A dict"] * 2
+    assert all("score" not in r and 1 <= len(r["tokens"]) <= 6 for r in rows)
+
+    greedy = run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "sampler=greedy", "max_new_tokens=12").stdout
+    assert greedy.strip() == run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "temperature=0",
+                                     "max_new_tokens=12").stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["prompt="], "the prompt is empty"),
+        (["prompt=x", "sampler.top_p=0"], "sampler.top_p=0.0 must be in (0, 1]"),
+        (["prompt=x", "sampler=beam", "sampler.num_beams=2", "sampler.num_return_sequences=3"],
+         "num_return_sequences=3 must be in [1, num_beams=2]"),
+        (["prompt=x", "max_new_tokens=-1"], "max_new_tokens=-1 must be >= 0"),
+        (["prompt=x", "sampler=nucleus"], "Could not find 'sampler/nucleus'"),
+    ],
+)
+def test_generate_bad_input_is_one_line(tiny_run: Path, args, expected):
+    proc = run_cli("generate", f"ckpt={tiny_run / 'checkpoints' / 'last'}", *args, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr

@@ -199,10 +199,15 @@ class EvaluateConfig:
 @dataclass
 class GenerateConfig:
     ckpt: str = MISSING
-    prompt: str = ""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    prompt: str | None = None  # one prompt (sos is prepended)
+    prompts_file: str | None = None  # or one prompt per line of a UTF-8 file
+    num_samples: int = 1  # sequences per prompt (sampling; beam search uses sampler.num_return_sequences)
     max_new_tokens: int = 50
-    temperature: float = 1.0
+    temperature: float | None = None  # shortcut for sampler.temperature
     seed: int | None = 0
+    output: str = "text"  # text | jsonl
+    batch_size: int = 8  # prompts decoded together
     device: str = "auto"
     prompts_from: str | None = None  # a split (predict): prompt with the first prompt_tokens of its documents
     num_prompts: int = 8

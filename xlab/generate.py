@@ -1,52 +1,112 @@
-"""`python -m xlab.generate ckpt=PATH prompt="..." max_new_tokens=50 temperature=1.0 seed=0`.
+"""`python -m xlab.generate ckpt=PATH prompt="..." [sampler=greedy|multinomial|top_k|top_p|beam] ...`.
 
-`prompts_from=predict num_prompts=N prompt_tokens=K` instead prompts with the first K tokens of N held-out
-documents and writes each sample beside the true continuation (xlab/data/predict.py).
+Prompts come from `prompt=`, `prompts_file=` (one per line) or `prompts_from=predict` (the start of held-out
+documents, written beside their true continuation; xlab/data/predict.py). `output=text` prints the texts (a single
+sampled prompt streams token by token); `output=jsonl` prints one JSON object per sequence with prompt, text,
+tokens (generated ids, eos included if produced) and, for beam search, score.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from xlab.cli import hydra_app
 
 
-def task(cfg: DictConfig) -> str:
-    import torch
+def read_prompts(cfg) -> list[str]:
+    from xlab.errors import XLabError
 
+    if cfg.prompts_file is not None:
+        path = Path(cfg.prompts_file)
+        try:
+            prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise XLabError(f"cannot read prompts_file={str(path)!r}: {exc}") from None
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise XLabError(f"prompts_file={str(path)!r} has no non-empty line")
+        return prompts
+    if not cfg.prompt:
+        raise XLabError("the prompt is empty: give prompt=TEXT, prompts_file=FILE or prompts_from=predict")
+    return [cfg.prompt]
+
+
+class Streamer:
+    """Prints one sequence's text as tokens arrive (decoding the whole tail, so multi-byte characters are whole)."""
+
+    def __init__(self, tokenizer, prompt: str) -> None:
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        print(prompt, end="", flush=True)
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+
+def task(cfg: DictConfig) -> list:
     from xlab.datamodules import XLabDataModule
     from xlab.errors import XLabError
     from xlab.evaluate import pick_device
-    from xlab.inference import sample
+    from xlab.inference import cut_at_stop, generate_ids
     from xlab.models import XLabModel
+    from xlab.sampling import check_sampler_config
 
+    cfg = OmegaConf.to_object(cfg)
+    sampler = cfg.sampler if cfg.temperature is None else replace(cfg.sampler, temperature=cfg.temperature)
+    check_sampler_config(sampler)
+    for key in ("num_samples", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise XLabError(f"{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.output not in ("text", "jsonl"):
+        raise XLabError(f"output={cfg.output!r}; valid: text, jsonl")
     if cfg.max_new_tokens < 0:
         raise XLabError(f"max_new_tokens={cfg.max_new_tokens} must be >= 0")
     if cfg.prompts_from is not None:
-        return predict_split(cfg)
+        return predict_split(cfg, sampler)
+    prompts = read_prompts(cfg)
     device = pick_device(cfg.device)
     tokenizer = XLabDataModule.load_from_checkpoint(cfg.ckpt).tokenizer
     model = XLabModel.load_from_checkpoint(cfg.ckpt, map_location=device).eval().requires_grad_(False)
-    inputs = torch.tensor([tokenizer.sos_id, *tokenizer.encode(cfg.prompt)], device=device)
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    ids = sample(model, inputs, output_length=cfg.max_new_tokens, block_size=model.max_len,
-                 eos_class=tokenizer.eos_id, temperature=cfg.temperature, generator=generator)
-    text = cfg.prompt + tokenizer.decode(ids)
-    print(text)
-    return text
+    repeats = cfg.num_samples if sampler.name != "beam" else 1
+    jobs = [p for p in prompts for _ in range(repeats)]
+    stream = len(jobs) == 1 and cfg.output == "text" and sampler.name != "beam" and not sampler.stop
+    results = []
+    for start in range(0, len(jobs), cfg.batch_size):  # seeded per batch: reproducible for a given batch_size
+        batch = jobs[start:start + cfg.batch_size]
+        streamer = Streamer(tokenizer, batch[0]) if stream else None
+        seed = None if cfg.seed is None else cfg.seed + start
+        for row, tokens, score in generate_ids(model, tokenizer, [tokenizer.encode(p) for p in batch], sampler,
+                                               cfg.max_new_tokens, seed, on_token=streamer):
+            text, _ = cut_at_stop(tokenizer.decode(tokens), sampler.stop)
+            record = {"prompt": batch[row], "text": text, "tokens": tokens}
+            if score is not None:
+                record["score"] = score
+            results.append(record)
+            if cfg.output == "jsonl":
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            elif not stream:
+                print(batch[row] + text, end="\n---\n" if len(jobs) > 1 or sampler.num_return_sequences > 1 else "\n",
+                      flush=True)
+    if stream:
+        sys.stdout.write("\n")
+    return results
 
 
-def predict_split(cfg: DictConfig) -> str:
+def predict_split(cfg, sampler) -> list:
     """Sample a continuation of the first prompt_tokens tokens of num_prompts documents of a split."""
-    import torch
-
     from xlab.checkpoint import resolve_checkpoint
     from xlab.data.predict import Sample, split_prompts, write_samples
     from xlab.datamodules import XLabDataModule
     from xlab.evaluate import pick_device
-    from xlab.inference import sample
+    from xlab.inference import generate_ids
     from xlab.models import XLabModel
 
     ckpt = resolve_checkpoint(cfg.ckpt)
@@ -56,22 +116,25 @@ def predict_split(cfg: DictConfig) -> str:
     prompts = split_prompts(datamodule.tokens(cfg.prompts_from), tokenizer, cfg.num_prompts, cfg.prompt_tokens,
                             cfg.max_new_tokens, cfg.prompts_from)
     model = XLabModel.load_from_checkpoint(ckpt, map_location=device).eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    samples = []
-    for p in prompts:
-        inputs = torch.tensor([tokenizer.sos_id, *p.prompt_ids], device=device)
-        ids = sample(model, inputs, output_length=cfg.max_new_tokens, block_size=model.max_len,
-                     eos_class=tokenizer.eos_id, temperature=cfg.temperature, generator=generator)
-        samples.append(Sample(p.document, tokenizer.decode(p.prompt_ids), tokenizer.decode(ids),
-                              tokenizer.decode(p.true_ids), len(p.prompt_ids), len(ids)))
+    generated = {}
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
+        seed = None if cfg.seed is None else cfg.seed + start
+        for row, tokens, _ in generate_ids(model, tokenizer, [p.prompt_ids for p in batch], sampler,
+                                           cfg.max_new_tokens, seed):
+            generated.setdefault(start + row, [t for t in tokens if t != tokenizer.eos_id])
+    samples = [Sample(p.document, tokenizer.decode(p.prompt_ids), tokenizer.decode(generated[i]),
+                      tokenizer.decode(p.true_ids), len(p.prompt_ids), len(generated[i]))
+               for i, p in enumerate(prompts)]
     prefix = Path(cfg.out) if cfg.out else ckpt / f"samples_{cfg.prompts_from}"
     header = (f"Samples on the {cfg.prompts_from} split of {ckpt} (prompt_tokens={cfg.prompt_tokens}, "
-              f"max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, seed={cfg.seed})")
+              f"max_new_tokens={cfg.max_new_tokens}, sampler={sampler.name}, temperature={sampler.temperature}, "
+              f"seed={cfg.seed})")
     jsonl, md = write_samples(samples, prefix, header)
     for s in samples:
         print(f"[{s.document}] {s.prompt!r} -> {s.generated!r} (true: {s.true_continuation!r})")
     print(f"wrote {jsonl} and {md}")
-    return str(jsonl)
+    return samples
 
 
 main = hydra_app("generate", task)

@@ -85,6 +85,39 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 @torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    cfg: SamplerConfig,
+    max_new_tokens: int = 50,
+    seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[tuple[int, list[int], float | None]]:
+    """Decode token-id prompts (sos is prepended); returns (prompt index, generated ids, beam score) tuples."""
+    if max_new_tokens < 0:
+        raise XLabError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if not prompts:
+        raise XLabError("no prompts given")
+    encoded = []
+    for ids in prompts:
+        ids = [tokenizer.sos_id, *ids]
+        if len(ids) > model.max_len - 1:
+            warnings.warn(f"prompt of {len(ids)} tokens keeps its last {model.max_len - 1} (max_len={model.max_len})",
+                          stacklevel=2)
+            ids = ids[-(model.max_len - 1):]
+        encoded.append(ids)
+    input_ids, mask = left_pad(encoded, tokenizer[tokenizer.pad_token], model.device)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def is_done(row: int, tokens: list[int]) -> bool:  # stop strings end a row early
+        return bool(cfg.stop) and cut_at_stop(tokenizer.decode(tokens), cfg.stop)[1]
+
+    seqs = SAMPLERS.get(cfg.name)(model, input_ids, mask, cfg, max_new_tokens, [tokenizer.eos_id],
+                                  generator=generator, is_done=is_done, on_token=on_token)
+    return [(s.row, s.tokens, s.score) for s in seqs]
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -99,30 +132,10 @@ def generate(
     num_return_sequences generations per prompt, best first; the others one per prompt.
     Prompts longer than the context keep their last max_len - 1 tokens (with a warning)."""
     cfg = sampler_config(sampler, **options)
-    if max_new_tokens < 0:
-        raise XLabError(f"max_new_tokens={max_new_tokens} must be >= 0")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise XLabError("no prompts given")
-    encoded = []
-    for text in prompts:
-        ids = [tokenizer.sos_id, *tokenizer.encode(text)]
-        if len(ids) > model.max_len - 1:
-            warnings.warn(f"prompt of {len(ids)} tokens keeps its last {model.max_len - 1} (max_len={model.max_len})",
-                          stacklevel=2)
-            ids = ids[-(model.max_len - 1):]
-        encoded.append(ids)
-    input_ids, mask = left_pad(encoded, tokenizer[tokenizer.pad_token], model.device)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    eos = [tokenizer.eos_id]
-
-    def is_done(row: int, tokens: list[int]) -> bool:  # stop strings end a row early
-        return bool(cfg.stop) and cut_at_stop(tokenizer.decode(tokens), cfg.stop)[1]
-
-    seqs = SAMPLERS.get(cfg.name)(model, input_ids, mask, cfg, max_new_tokens, eos, generator=generator,
-                                  is_done=is_done, on_token=on_token)
+    ids = [tokenizer.encode(p) for p in prompts]
     results = []
-    for s in seqs:
-        text, _ = cut_at_stop(tokenizer.decode(s.tokens), cfg.stop)
-        results.append(Generation(prompts[s.row], text, s.tokens, s.score))
+    for row, tokens, score in generate_ids(model, tokenizer, ids, cfg, max_new_tokens, seed, on_token):
+        text, _ = cut_at_stop(tokenizer.decode(tokens), cfg.stop)
+        results.append(Generation(prompts[row], text, tokens, score))
     return results
