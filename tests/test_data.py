@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from xlab.config import TokenizerConfig
 from xlab.data.datamodule import RandomWindows, eval_windows
@@ -78,8 +79,11 @@ def test_random_windows_are_seeded_and_resumable():
     c = RandomWindows(tokens, 16, 4, seed=3)
     c.load_state_dict({"batches_drawn": 2})
     assert (c.next_batch()[0] == first[2][0]).all()
-    other_rank = RandomWindows(tokens, 16, 4, seed=3, rank=1).next_batch()[0]
-    assert not (other_rank == first[0][0]).all()
+    rank0 = RandomWindows(tokens, 16, 2, seed=3, rank=0, world_size=2).next_batch()[0]
+    rank1 = RandomWindows(tokens, 16, 2, seed=3, rank=1, world_size=2).next_batch()[0]
+    assert not (rank0 == rank1).all()
+    # two processes with batch 2 read exactly what one process with batch 4 reads
+    assert torch.equal(torch.cat([rank0, rank1]), first[0][0])
 
 
 def test_eval_windows_score_each_token_once():

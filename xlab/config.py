@@ -24,8 +24,25 @@ def user_cache_dir() -> str:
     return os.path.join(base, "xlab")
 
 
+def launch_time(fmt: str) -> str:
+    """The run's start time, formatted. Under torchrun / accelerate launch every rank of a node uses its launcher's
+    start time, so all ranks resolve the same default run dir (Hydra's ${now:} differs across processes)."""
+    import datetime
+
+    stamp = datetime.datetime.now()
+    if "LOCAL_RANK" in os.environ:
+        try:
+            import psutil
+
+            stamp = datetime.datetime.fromtimestamp(psutil.Process(os.getppid()).create_time())
+        except Exception:  # no psutil or no parent: fall back to this process's clock
+            pass
+    return stamp.strftime(fmt)
+
+
 if not OmegaConf.has_resolver("xlab_cache_dir"):
     OmegaConf.register_new_resolver("xlab_cache_dir", user_cache_dir)
+    OmegaConf.register_new_resolver("xlab_launch_time", launch_time, use_cache=True)
 
 
 class Precision(str, Enum):

@@ -7,6 +7,7 @@ Metrics leave the device only every log_every steps, so steps queue back to back
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from xlab.data.estimate import epoch_estimate
 from xlab.data.sources import check_data_config
 from xlab.errors import XLabError
 from xlab.loggers import TRACKERS, MetricsFile, flat_config
+from xlab.metrics import mfu, peak_flops
 from xlab.models import MODELS
 from xlab.models.transformer import check_model_config, lm_loss_sums
 from xlab.optimizers import OPTIMIZERS, check_optimizer_config
@@ -75,26 +77,27 @@ def evaluate(
     windows: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Token-level loss, accuracy (%), perplexity and token count over the given windows."""
+    """Token-level loss, accuracy (%), perplexity and token count over the given windows. With several processes,
+    each passes its share of the windows and `reduce` sums the totals across them."""
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, tokens
     for x, y in windows:
         x, y = x.to(device), y.to(device)
         with autocast():
             _, batch_loss, batch_correct = token_sums(model, x, y)
-        loss += batch_loss
-        correct += batch_correct
-        count += y.numel()
+        totals += torch.stack([batch_loss.double(), batch_correct.double(), totals.new_tensor(y.numel())])
     model.train(was_training)
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_sum, correct, count = totals.tolist()
     if count == 0:
         raise XLabError("nothing to evaluate: the split has no complete window")
-    mean = loss.item() / count
-    return {"loss": mean, "accuracy": 100.0 * correct.item() / count, "perplexity": math.exp(min(mean, 50.0)),
-            "tokens": count}
+    mean = loss_sum / count
+    return {"loss": mean, "accuracy": 100.0 * correct / count, "perplexity": math.exp(min(mean, 50.0)),
+            "tokens": int(count)}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -153,6 +156,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
     )
     main = accelerator.is_main_process
+    if not main:  # one voice: the other ranks only report problems
+        logging.getLogger().setLevel(logging.WARNING)
     set_seed(cfg.seed)  # same initial weights on every rank
 
     datamodule = XLabDataModule(cfg.data, cfg.tokenizer, cfg.paths.cache_dir,
@@ -161,7 +166,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         datamodule.prepare()
     tokenizer = datamodule.tokenizer
     seq_len = cfg.model.max_len
-    sampler = datamodule.train_windows(seq_len, t.batch_size, cfg.seed, rank=accelerator.process_index)
+    world = accelerator.num_processes
+    sampler = datamodule.train_windows(seq_len, t.batch_size, cfg.seed, accelerator.process_index, world)
 
     tokens_per_step = t.batch_size * seq_len * t.grad_accum_steps  # per process
     model = init.model if init else MODELS.get(cfg.model.name)(vocab_size=len(tokenizer), **asdict(cfg.model))
@@ -191,11 +197,18 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
     if trackers:
         accelerator.init_trackers(cfg.logger.project, config=flat_config(config_dict))
     metrics = MetricsFile(run_dir / "metrics.jsonl")
-    world = accelerator.num_processes
+    peak = peak_flops(accelerator.device, mixed_precision)
+    if main:
+        peak_note = f"against a {peak / 1e12:.0f} TFLOP/s peak per device" if peak else "n/a (no known peak)"
+        log.info("%d process(es) on %s; global batch %d sequences x %d tokens; MFU %s", world,
+                 accelerator.device.type, t.batch_size * t.grad_accum_steps * world, seq_len, peak_note)
+    flops_per_token = accelerator.unwrap_model(model).flops_per_token()
 
     def run_eval() -> dict[str, float]:
-        windows = datamodule.eval_windows("val", seq_len, t.batch_size, t.eval_batches)
-        result = evaluate(model, windows, accelerator.device, autocast)
+        # eval_batches global batches (batch_size x world windows each): the same windows whatever the world size
+        windows = datamodule.eval_windows("val", seq_len, t.batch_size, t.eval_batches * world)
+        mine = itertools.islice(windows, accelerator.process_index, None, world)  # each rank scores its share
+        result = evaluate(model, mine, accelerator.device, autocast, lambda x: accelerator.reduce(x, "sum"))
         record = {"step": step, "tokens": tokens_seen, "val/loss": result["loss"], "val/accuracy": result["accuracy"]}
         if main:
             metrics.write(record)
@@ -204,12 +217,17 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         return result
 
     def checkpoint() -> Path:
-        state = {"tokens": tokens_seen, "sampler": sampler.state_dict()}
+        # A checksum of the weights of every rank: DDP keeps them identical, and a mismatch means a broken run.
+        total = sum(p.detach().double().sum() for p in model.parameters())
+        sums = accelerator.gather(total.reshape(1)).tolist()
+        if main and len(set(sums)) > 1:
+            log.warning("weights differ across ranks at step %d: checksums %s", step, sums)
+        state = {"tokens": tokens_seen, "sampler": sampler.state_dict(), "rank_weight_checksums": sums}
         return save_checkpoint(accelerator, ckpt_root, step, config_dict, datamodule.tokenizer_path, state)
 
     model.train()
     loss_acc = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    correct_acc = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+    correct_acc = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     interval_tokens, interval_start = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     val: dict[str, float] | None = None
@@ -236,13 +254,18 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            n = interval_tokens // world  # this process's share; every rank sees the same count
+            # the only host syncs of the loop: totals over all ranks, once per log interval
+            loss_total, correct_total = accelerator.reduce(torch.stack([loss_acc, correct_acc.double()]), "sum")
             elapsed = time.perf_counter() - interval_start
             record = {
                 "step": step, "tokens": tokens_seen,
-                "train/loss": loss_acc.item() / n, "train/accuracy": 100.0 * correct_acc.item() / n,
+                "train/loss": loss_total.item() / interval_tokens,
+                "train/accuracy": 100.0 * correct_total.item() / interval_tokens,
                 "lr": scheduler.get_last_lr()[0], "tok_per_s": interval_tokens / elapsed,
+                "tok_per_s_per_device": interval_tokens / elapsed / world,
             }
+            if peak:
+                record["mfu"] = mfu(flops_per_token, record["tok_per_s_per_device"], peak)
             if t.grad_clip > 0:
                 record["grad_norm"] = float(grad_norm)
             if main:

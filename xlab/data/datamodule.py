@@ -2,9 +2,11 @@
 
 A split's tokens are one stream over its shard files (xlab/data/shards.py: memmaps with cumulative offsets), so
 windows read across shard boundaries like across document boundaries. Training draws random windows of max_len+1
-tokens from the train split; batch k of rank r comes from a generator seeded with (seed, r, k), so the sampler's
-whole state is the number of batches drawn. Evaluation reads fixed, non-overlapping windows from the start of a
-split, so every run scores the same tokens.
+tokens from the train split. Micro-batch k is one global batch of batch_size x world_size windows drawn by a
+generator seeded with (seed, k); rank r takes rows r*batch_size to (r+1)*batch_size - 1. So ranks see different
+windows, the sampler's whole state is the number of batches drawn, and N processes with batch B read exactly the
+data of one process with batch N*B (runs compare, and resume, across process counts). Evaluation reads fixed,
+non-overlapping windows from the start of a split, so every run scores the same tokens.
 """
 
 from __future__ import annotations
@@ -32,19 +34,25 @@ def as_shards(tokens: Tokens) -> TokenShards:
 class RandomWindows:
     """Batches of (inputs, targets), each a random window of the token stream shifted by one."""
 
-    def __init__(self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> None:
+    def __init__(
+        self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         tokens = as_shards(tokens)
         if len(tokens) < seq_len + 1:
             raise XLabError(
                 f"the train split has {len(tokens)} tokens, fewer than one window of model.max_len+1={seq_len + 1}"
             )
-        self.tokens, self.seq_len, self.batch_size, self.seed, self.rank = tokens, seq_len, batch_size, seed, rank
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.batches_drawn = 0
         self._offsets = np.arange(seq_len + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.batches_drawn])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        rng = np.random.default_rng([self.seed, self.batches_drawn])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size * self.world_size)
+        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         self.batches_drawn += 1
         window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return window[:, :-1], window[:, 1:]
@@ -107,8 +115,10 @@ class XLabDataModule:
             raise XLabError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         return TokenShards.open(self.prepare().tokens_dir, split)
 
-    def train_windows(self, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> RandomWindows:
-        return RandomWindows(self.tokens("train"), seq_len, batch_size, seed, rank)
+    def train_windows(
+        self, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> RandomWindows:
+        return RandomWindows(self.tokens("train"), seq_len, batch_size, seed, rank, world_size)
 
     def eval_windows(
         self, split: str, seq_len: int, batch_size: int, max_batches: int | None = None

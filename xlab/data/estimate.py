@@ -10,31 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-# (substring of torch.cuda.get_device_name(), dense bf16 TFLOPS); the first match wins, so specific names go first.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("RTX 4090", 165.0),
-)
+from xlab.metrics import device_peak
+
 ASSUMED_MFU = 0.4  # what a well-tuned single-GPU GPT-2-small run reaches; measure yours from tok_per_s
 REFERENCE = ("H100", "A100")
-
-
-def device_peak(name: str | None = None) -> tuple[str, float | None]:
-    """(device name, peak FLOP/s or None when unknown, e.g. on CPU) of `name` or of this machine's GPU."""
-    if name is None:
-        import torch
-
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return name, tflops * 1e12
-    return name, None
 
 
 def model_flops_per_token(model_cfg: Any, vocab_size: int) -> tuple[float, int]:
