@@ -49,14 +49,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model = XLabModel(args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
                       max_len=args.prompt_tokens + args.new_tokens, **ARCHS[args.arch]).eval()
     eos = 1
-    hf = to_hf_model(model, {"eos": eos, "pad": 0})
-    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32; "
+    hf = to_hf_model(model, {"eos": eos, "pad": 0}).to(args.device)
+    model = model.to(args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()}, " \
+        f"{torch.get_num_threads()} threads"
+    print(f"# {where}, torch {torch.__version__}, fp32; "
           f"{args.arch} {args.layers}x{args.d_model}, vocab {args.vocab}; {args.new_tokens} new tokens; "
           f"median of {args.repeats}")
     print("| decoding | batch | XLab tok/s | transformers tok/s | XLab/transformers |")
@@ -65,6 +69,7 @@ def main() -> None:
     for name, beams in (("greedy", 1), ("beam-4", 4)):
         for batch in args.batches:
             ids = torch.randint(2, args.vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+            ids = ids.to(args.device)
             mask = torch.ones_like(ids)
             cfg = SamplerConfig(name="beam" if beams > 1 else "greedy", num_beams=max(beams, 1), min_new_tokens=n)
 

@@ -89,20 +89,40 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     save_model(model, str(path))  # de-duplicates tied tensors; load_model restores the tie
 
 
+def save_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save a full state dict of `model` as safetensors, storing tied weights once (as save_model would)."""
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    for names in _remove_duplicate_names(model.state_dict()).values():
+        for name in names:
+            state.pop(name, None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
 def register_accelerate_hooks(accelerator: Accelerator) -> None:
     """Let Accelerate's save_state/load_state handle optimizer, scheduler, scaler and RNG states, while model weights
     go through our own safetensors file of the unwrapped module (no DDP `module.` or compile `_orig_mod.` prefixes)."""
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            for model in models:
+        from accelerate.utils import DistributedType
+
+        for model in models:
+            if accelerator.distributed_type == DistributedType.FSDP:
+                # Parameters are sharded across ranks: gather a full copy (a collective) for the safetensors file.
+                # Accelerate also writes its sharded copy, which resume reads (and reshards to another world size).
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if accelerator.is_main_process:
+                    save_state_dict(accelerator.unwrap_model(model), full, Path(output_dir) / WEIGHTS)
+            elif accelerator.is_main_process:
                 save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), Path(output_dir) / WEIGHTS)
         weights.clear()
 
     def load_hook(models: list, input_dir: str) -> None:
         from safetensors.torch import load_model as load_safetensors
 
-        for model in models:
+        for model in models:  # FSDP models never get here: Accelerate loads its sharded copy itself
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             load_safetensors(unwrapped, str(Path(input_dir) / WEIGHTS), device=str(accelerator.device))
         models.clear()

@@ -172,14 +172,20 @@ class TrainerConfig:
     ckpt_every: int = 600
     log_every: int = 25
     compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 via Accelerate's plugin; CUDA GPUs only)
 
 
 @dataclass
 class LoggerConfig:
-    """Experiment trackers besides metrics.jsonl (always written); see xlab/loggers.py."""
+    """Experiment trackers besides metrics.jsonl (always written); see xlab/loggers.py. The other keys are W&B's."""
 
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
     project: str = "xlab"
+    entity: str | None = None  # W&B user or team; None = the API key's default entity
+    group: str | None = None  # None = the sweep dir (<date>/<time>) for the jobs of a -m sweep, no group otherwise
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # display name; None = the run dir's last two parts (<date>/<time>, <time>/<job num>)
+    mode: str | None = None  # online | offline | disabled; None = $WANDB_MODE, else online iff credentials exist
 
 
 @dataclass

@@ -115,8 +115,25 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "log_every"):
         if getattr(t, key) < 1:
             raise XLabError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    if t.strategy not in STRATEGIES:
+        raise XLabError(f"trainer.strategy={t.strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if t.strategy == "fsdp" and not torch.cuda.is_available():
+        raise XLabError("trainer.strategy=fsdp needs CUDA GPUs (on CPU Accelerate runs DDP); use trainer.strategy=ddp")
     if t.grad_clip < 0:
         raise XLabError(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def fsdp_plugin():
+    """FSDP2 through Accelerate: each transformer Block is sharded on its own, parameters regathered per forward."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
+        reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT",
+    )
 
 
 def _resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
@@ -154,6 +171,7 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the number of ranks
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
+        fsdp_plugin=fsdp_plugin() if t.strategy == "fsdp" else None,
     )
     main = accelerator.is_main_process
     if not main:  # one voice: the other ranks only report problems
