@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,9 +141,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, ckpt_root: Path, step: int, config: dict, tokenizer_path: Path, state: dict
+    accelerator: Accelerator, ckpt_root: Path, step: int, config: dict, tokenizer_path: Path, state: dict,
+    keep_last: int | None = None,
 ) -> Path:
-    """Write step_NNNNNN/ through a temporary directory, then point `last` at it. Collective: call on every rank."""
+    """Write step_NNNNNN/ through a temporary directory, then point `last` at it (and keep only the newest
+    keep_last). Collective: call on every rank. A kill at any moment leaves `last` on a complete checkpoint."""
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".tmp_step_{step:06d}"
     if accelerator.is_main_process:
@@ -154,6 +158,10 @@ def save_checkpoint(
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=2))
     accelerator.wait_for_everyone()
+    pause = os.environ.get("XLAB_TEST_SAVE_PAUSE", "")  # test hook "STEP:SECONDS": a window to kill a save in
+    if pause and int(pause.split(":")[0]) == step:
+        print(f"pausing inside the save of {tmp}", flush=True)
+        time.sleep(float(pause.split(":")[1]))
     if accelerator.is_main_process:
         _fsync_dir(tmp)
         if final.exists():
@@ -164,16 +172,36 @@ def save_checkpoint(
         tmp_link.unlink(missing_ok=True)
         tmp_link.symlink_to(final.name)
         os.replace(tmp_link, link)  # atomic: `last` always names a complete checkpoint
+        if keep_last:
+            for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_training_state(accelerator: Accelerator, path: str | Path) -> dict:
+def check_resume_config(ckpt: Path, config: dict) -> None:
+    """Refuse to resume into a different model: name every model key whose value changed. (Training settings such
+    as max_steps, lr or eval cadence may change.)"""
+    saved = load_config(ckpt)
+    diffs = [f"model.{k} (checkpoint {saved['model'].get(k)!r}, now {v!r})"
+             for k, v in config["model"].items() if saved["model"].get(k) != v]
+    if diffs:
+        raise XLabError(f"cannot resume from {ckpt}: the model config changed: {', '.join(diffs)}")
+
+
+def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
     """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json."""
     ckpt = resolve_checkpoint(path)
     if not (ckpt / STATE).is_file():
         raise XLabError(f"{str(path)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
-    accelerator.load_state(str(ckpt))
+    if config is not None:
+        check_resume_config(ckpt, config)
+    try:
+        accelerator.load_state(str(ckpt))
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met something that is not plain data
+        reason = str(exc).strip().splitlines()[0]
+        raise XLabError(f"refusing to load {ckpt}: a state file holds pickled objects, not plain data ({reason})") \
+            from None
     return json.loads((ckpt / STATE).read_text())
 
 

@@ -173,6 +173,7 @@ class TrainerConfig:
     log_every: int = 25
     compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 via Accelerate's plugin; CUDA GPUs only)
+    keep_last: int | None = None  # keep only the newest K step_* checkpoints; None = keep all
 
 
 @dataclass

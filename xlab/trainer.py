@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -119,6 +122,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise XLabError(f"trainer.strategy={t.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if t.strategy == "fsdp" and not torch.cuda.is_available():
         raise XLabError("trainer.strategy=fsdp needs CUDA GPUs (on CPU Accelerate runs DDP); use trainer.strategy=ddp")
+    if t.keep_last is not None and t.keep_last < 1:
+        raise XLabError(f"trainer.keep_last={t.keep_last} must be >= 1 (or null to keep every checkpoint)")
     if t.grad_clip < 0:
         raise XLabError(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
 
@@ -134,6 +139,33 @@ def fsdp_plugin():
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
         reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT",
     )
+
+
+class StopRequest:
+    """SIGTERM (SLURM preemption, `kill`) or SIGINT (Ctrl-C) asks training to stop: the loop finishes its step,
+    saves a checkpoint and returns, and `resume=auto` continues from there."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop right away
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
@@ -203,15 +235,15 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
 
     ckpt_root = run_dir / "checkpoints"
     step, tokens_seen = 0, 0
+    config_dict = to_container(OmegaConf.structured(cfg))
     resume_from = _resume_path(cfg.resume, ckpt_root)
     if resume_from is not None:
-        state = load_training_state(accelerator, resume_from)
+        state = load_training_state(accelerator, resume_from, config_dict)
         step, tokens_seen = state["step"], state["tokens"]
         sampler.load_state_dict(state["sampler"])
         if main:
             log.info("resumed from %s at step %d", resume_from, step)
 
-    config_dict = to_container(OmegaConf.structured(cfg))
     if trackers:
         accelerator.init_trackers(cfg.logger.project, config=flat_config(config_dict))
     metrics = MetricsFile(run_dir / "metrics.jsonl")
@@ -241,7 +273,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         if main and len(set(sums)) > 1:
             log.warning("weights differ across ranks at step %d: checksums %s", step, sums)
         state = {"tokens": tokens_seen, "sampler": sampler.state_dict(), "rank_weight_checksums": sums}
-        return save_checkpoint(accelerator, ckpt_root, step, config_dict, datamodule.tokenizer_path, state)
+        return save_checkpoint(accelerator, ckpt_root, step, config_dict, datamodule.tokenizer_path, state,
+                               t.keep_last)
 
     model.train()
     loss_acc = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -250,6 +283,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
     bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     val: dict[str, float] | None = None
     saved_step = -1
+    stop = StopRequest().__enter__()
+    stopped = False
     while step < t.max_steps:
         for _ in range(t.grad_accum_steps):
             x, y = sampler.next_batch()
@@ -271,7 +306,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         interval_tokens += tokens_per_step * world
         bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
+        log_step = step % t.log_every == 0 or step == t.max_steps
+        if log_step:
             # the only host syncs of the loop: totals over all ranks, once per log interval
             loss_total, correct_total = accelerator.reduce(torch.stack([loss_acc, correct_acc.double()]), "sum")
             elapsed = time.perf_counter() - interval_start
@@ -301,10 +337,22 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
             checkpoint()
             saved_step = step
         interval_start += time.perf_counter() - pause  # tok/s measures training, not evaluation or saving
+        # A stop request ends the run after this step. Ranks must agree on the step (the checkpoint is collective),
+        # so with several processes they vote at log steps, where the loop synchronises anyway.
+        stopped = stop.signal is not None
+        if world > 1:
+            vote = torch.tensor(float(stopped), device=accelerator.device)
+            stopped = log_step and bool(accelerator.reduce(vote, "sum").item() > 0)
+        if stopped:
+            break
+    stop.__exit__()
     bar.close()
     if val is None:  # resumed at or past max_steps
         val = run_eval()
-    if saved_step != step and not (ckpt_root / "last").exists():
+    if saved_step != step and (stopped or not (ckpt_root / "last").exists()):
         checkpoint()
+    if stopped and main:
+        log.warning("stopped at step %d of %d; checkpoint %s. Continue with resume=auto hydra.run.dir=%s", step,
+                    t.max_steps, ckpt_root / "last", run_dir)
     accelerator.end_training()
-    return val
+    return {**val, "stopped_at": step} if stopped else val
