@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import OmegaConf
 
-from xlab.errors import XLabError
+from xlab.errors import XLabError, check_writable_dir
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -142,12 +142,12 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     accelerator: Accelerator, ckpt_root: Path, step: int, config: dict, tokenizer_path: Path, state: dict,
-    keep_last: int | None = None,
+    keep_last: int | None = None, name: str | None = None,
 ) -> Path:
     """Write step_NNNNNN/ through a temporary directory, then point `last` at it (and keep only the newest
     keep_last). Collective: call on every rank. A kill at any moment leaves `last` on a complete checkpoint."""
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_step_{step:06d}"
+    final = ckpt_root / (name or f"step_{step:06d}")  # a named checkpoint (debug) leaves `last` alone
+    tmp = ckpt_root / f".tmp_{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -167,6 +167,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    if accelerator.is_main_process and name is None:
         link = ckpt_root / "last"
         tmp_link = ckpt_root / ".last.tmp"
         tmp_link.unlink(missing_ok=True)
@@ -208,6 +209,7 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Copy the weights, tokenizer and config (no optimizer state) into `out`."""
     ckpt = resolve_checkpoint(path)
+    check_writable_dir(out, "out")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")

@@ -45,8 +45,25 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
-def hydra_app(config_name: str, task: Callable[[Any], Any]) -> Callable[[], Any]:
-    """Wrap `task(cfg)` as a Hydra app over `configs/<config_name>.yaml` with one-line user errors."""
+def prevalidate(config_name: str, validate: Callable[[Any], None]) -> None:
+    """Compose the command line's config and check it before Hydra creates the run dir and writes its files there,
+    so bad input changes nothing on disk. Skipped when Hydra flags are given (-m sweeps, --cfg, ...): Hydra then
+    composes each job itself and the task checks it."""
+    from hydra import compose, initialize_config_dir
+
+    args = sys.argv[1:]
+    if any(arg.startswith("-") for arg in args):
+        return
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=args, return_hydra_config=True)
+    validate(cfg)
+
+
+def hydra_app(
+    config_name: str, task: Callable[[Any], Any], validate: Callable[[Any], None] | None = None
+) -> Callable[[], Any]:
+    """Wrap `task(cfg)` as a Hydra app over `configs/<config_name>.yaml` with one-line user errors. `validate(cfg)`
+    (cfg with its `hydra` node) runs first, before anything is written."""
     import functools
 
     import hydra
@@ -75,6 +92,8 @@ def hydra_app(config_name: str, task: Callable[[Any], Any]) -> Callable[[], Any]
     def main() -> Any:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions
         try:
+            if validate is not None:
+                prevalidate(config_name, validate)
             return app()
         except _user_error_types() as exc:
             if debug:

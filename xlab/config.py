@@ -174,6 +174,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 via Accelerate's plugin; CUDA GPUs only)
     keep_last: int | None = None  # keep only the newest K step_* checkpoints; None = keep all
+    on_nan: str = "stop"  # stop: save a debug checkpoint and fail, naming the step; skip: drop the update, count it
 
 
 @dataclass

@@ -26,7 +26,30 @@ def task(cfg: DictConfig) -> float:
     return val["loss"]
 
 
-main = hydra_app("train", task)
+def validate(cfg: DictConfig) -> None:
+    """Config checks, and the resume compatibility check, before Hydra writes into the run dir."""
+    from omegaconf import OmegaConf, open_dict
+
+    from xlab.checkpoint import check_resume_config, resolve_checkpoint
+    from xlab.config import to_container
+    from xlab.errors import check_writable_dir
+    from xlab.trainer import check_config
+
+    run_dir = Path(cfg.hydra.run.dir)
+    check_writable_dir(run_dir, "hydra.run.dir")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    train_cfg = OmegaConf.to_object(cfg)
+    check_config(train_cfg)
+    if train_cfg.resume is not None and train_cfg.init_from is None:
+        last = run_dir / "checkpoints" / "last"
+        if train_cfg.resume != "auto":
+            check_resume_config(resolve_checkpoint(train_cfg.resume), to_container(cfg))
+        elif last.exists():
+            check_resume_config(resolve_checkpoint(last), to_container(cfg))
+
+
+main = hydra_app("train", task, validate)
 
 if __name__ == "__main__":
     main()

@@ -122,6 +122,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise XLabError(f"trainer.strategy={t.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if t.strategy == "fsdp" and not torch.cuda.is_available():
         raise XLabError("trainer.strategy=fsdp needs CUDA GPUs (on CPU Accelerate runs DDP); use trainer.strategy=ddp")
+    if t.on_nan not in ("stop", "skip"):
+        raise XLabError(f"trainer.on_nan={t.on_nan!r}; valid: stop, skip")
     if t.keep_last is not None and t.keep_last < 1:
         raise XLabError(f"trainer.keep_last={t.keep_last} must be >= 1 (or null to keep every checkpoint)")
     if t.grad_clip < 0:
@@ -266,7 +268,7 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         accelerator.log({k: v for k, v in record.items() if "/" in k}, step=step)
         return result
 
-    def checkpoint() -> Path:
+    def checkpoint(name: str | None = None) -> Path:
         # A checksum of the weights of every rank: DDP keeps them identical, and a mismatch means a broken run.
         total = sum(p.detach().double().sum() for p in model.parameters())
         sums = accelerator.gather(total.reshape(1)).tolist()
@@ -274,79 +276,101 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
             log.warning("weights differ across ranks at step %d: checksums %s", step, sums)
         state = {"tokens": tokens_seen, "sampler": sampler.state_dict(), "rank_weight_checksums": sums}
         return save_checkpoint(accelerator, ckpt_root, step, config_dict, datamodule.tokenizer_path, state,
-                               t.keep_last)
+                               t.keep_last, name)
 
     model.train()
     loss_acc = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     correct_acc = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first step with a NaN/inf loss
+    skipped = 0
     interval_tokens, interval_start = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     val: dict[str, float] | None = None
     saved_step = -1
     stop = StopRequest().__enter__()
     stopped = False
-    while step < t.max_steps:
-        for _ in range(t.grad_accum_steps):
-            x, y = sampler.next_batch()
-            x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(model):
-                objective, loss_sum, correct = token_sums(model, x, y, cfg.model.z_loss)
-                # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean
-                # over all of its tokens rather than a mean of per-micro-batch means.
-                accelerator.backward(objective * (t.grad_accum_steps / tokens_per_step))
-            loss_acc += loss_sum.detach()
-            correct_acc += correct
-        if t.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step * world
-        interval_tokens += tokens_per_step * world
-        bar.update(1)
+    try:
+        while step < t.max_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(t.grad_accum_steps):
+                x, y = sampler.next_batch()
+                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    objective, loss_sum, correct = token_sums(model, x, y, cfg.model.z_loss)
+                    # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean
+                    # over all of its tokens rather than a mean of per-micro-batch means.
+                    accelerator.backward(objective * (t.grad_accum_steps / tokens_per_step))
+                loss_acc += loss_sum.detach()
+                correct_acc += correct
+                step_loss += objective.detach()
+            # NaN/inf is noted on the device (no sync) and acted on at the log step, unless on_nan=skip, which must
+            # decide before this update (a host sync per step, the price of skipping).
+            bad = ~torch.isfinite(step_loss)
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
+            if t.on_nan == "skip" and bool(accelerator.reduce(bad.float(), "sum").item() > 0):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                first_bad.fill_(-1)
+            else:
+                if t.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step * world
+            interval_tokens += tokens_per_step * world
+            bar.update(1)
 
-        log_step = step % t.log_every == 0 or step == t.max_steps
-        if log_step:
-            # the only host syncs of the loop: totals over all ranks, once per log interval
-            loss_total, correct_total = accelerator.reduce(torch.stack([loss_acc, correct_acc.double()]), "sum")
-            elapsed = time.perf_counter() - interval_start
-            record = {
-                "step": step, "tokens": tokens_seen,
-                "train/loss": loss_total.item() / interval_tokens,
-                "train/accuracy": 100.0 * correct_total.item() / interval_tokens,
-                "lr": scheduler.get_last_lr()[0], "tok_per_s": interval_tokens / elapsed,
-                "tok_per_s_per_device": interval_tokens / elapsed / world,
-            }
-            if peak:
-                record["mfu"] = mfu(flops_per_token, record["tok_per_s_per_device"], peak)
-            if t.grad_clip > 0:
-                record["grad_norm"] = float(grad_norm)
-            if main:
-                metrics.write(record)
-                bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tok_per_s']:.0f}")
-            accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=step)
-            loss_acc.zero_()
-            correct_acc.zero_()
-            interval_tokens, interval_start = 0, time.perf_counter()
-        pause = time.perf_counter()
-        if step % t.eval_every == 0 or step == t.max_steps:
-            val = run_eval()
-        if step % t.ckpt_every == 0 or step == t.max_steps:
-            checkpoint()
-            saved_step = step
-        interval_start += time.perf_counter() - pause  # tok/s measures training, not evaluation or saving
-        # A stop request ends the run after this step. Ranks must agree on the step (the checkpoint is collective),
-        # so with several processes they vote at log steps, where the loop synchronises anyway.
-        stopped = stop.signal is not None
-        if world > 1:
-            vote = torch.tensor(float(stopped), device=accelerator.device)
-            stopped = log_step and bool(accelerator.reduce(vote, "sum").item() > 0)
-        if stopped:
-            break
-    stop.__exit__()
-    bar.close()
+            log_step = step % t.log_every == 0 or step == t.max_steps
+            if log_step:
+                # the only host syncs of the loop: totals over all ranks, once per log interval
+                loss_total, correct_total = accelerator.reduce(torch.stack([loss_acc, correct_acc.double()]), "sum")
+                elapsed = time.perf_counter() - interval_start
+                record = {
+                    "step": step, "tokens": tokens_seen,
+                    "train/loss": loss_total.item() / interval_tokens,
+                    "train/accuracy": 100.0 * correct_total.item() / interval_tokens,
+                    "lr": scheduler.get_last_lr()[0], "tok_per_s": interval_tokens / elapsed,
+                    "tok_per_s_per_device": interval_tokens / elapsed / world,
+                }
+                if peak:
+                    record["mfu"] = mfu(flops_per_token, record["tok_per_s_per_device"], peak)
+                if t.grad_clip > 0:
+                    record["grad_norm"] = float(grad_norm)
+                if t.on_nan == "skip":
+                    record["skipped_steps"] = skipped
+                bad_step = int(accelerator.reduce(first_bad.clamp(min=0), "max").item())
+                if t.on_nan == "stop" and bad_step > 0:
+                    path = checkpoint(name=f"nan_step_{bad_step:06d}")
+                    raise XLabError(f"the loss became NaN/inf at step {bad_step}; debug checkpoint {path} "
+                                    "(set trainer.on_nan=skip to drop such updates, or lower optimizer.lr)")
+                if main:
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tok_per_s']:.0f}")
+                accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=step)
+                loss_acc.zero_()
+                correct_acc.zero_()
+                interval_tokens, interval_start = 0, time.perf_counter()
+            pause = time.perf_counter()
+            if step % t.eval_every == 0 or step == t.max_steps:
+                val = run_eval()
+            if step % t.ckpt_every == 0 or step == t.max_steps:
+                checkpoint()
+                saved_step = step
+            interval_start += time.perf_counter() - pause  # tok/s measures training, not evaluation or saving
+            # A stop request ends the run after this step. Ranks must agree on the step (the checkpoint is collective),
+            # so with several processes they vote at log steps, where the loop synchronises anyway.
+            stopped = stop.signal is not None
+            if world > 1:
+                vote = torch.tensor(float(stopped), device=accelerator.device)
+                stopped = log_step and bool(accelerator.reduce(vote, "sum").item() > 0)
+            if stopped:
+                break
+    finally:  # restore the signal handlers and end the bar even when training fails
+        stop.__exit__()
+        bar.close()
     if val is None:  # resumed at or past max_steps
         val = run_eval()
     if saved_step != step and (stopped or not (ckpt_root / "last").exists()):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from xlab.config import ModelConfig, TokenizerConfig
-from xlab.errors import XLabError
+from xlab.errors import XLabError, check_writable_dir
 from xlab.models.transformer import XLabModel, default_d_ff
 
 # What each transformers family requires of an XLab model config (knob, required value).
@@ -236,6 +236,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     tok = TokenizerConfig(**load_config(ckpt)["tokenizer"])
     model = load_model(ckpt)
     hf_family(model.cfg)  # refuse before writing anything
+    check_writable_dir(out, "out")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")
