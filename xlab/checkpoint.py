@@ -80,7 +80,8 @@ def load_model(path: str | Path, map_location: str | torch.device | None = None)
     try:
         load_safetensors(model, str(ckpt / WEIGHTS), device=device)
     except RuntimeError as exc:
-        reason = str(exc).splitlines()[0]
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, not the generic header
         raise XLabError(f"weights in {ckpt} do not fit the model in its config.yaml: {reason}") from None
     return model.to(device)
 
