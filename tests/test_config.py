@@ -88,7 +88,7 @@ def test_bad_input_is_one_line(args, expected, tmp_path):
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    for module in ("evaluate", "generate", "export"):
-        proc = run_cli(module, f"ckpt={tmp_path / 'nope'}", check=False)
+    for module, extra in (("evaluate", []), ("generate", ["prompt=x"]), ("export", [])):
+        proc = run_cli(module, f"ckpt={tmp_path / 'nope'}", *extra, check=False)
         assert proc.returncode != 0
         assert proc.stderr.strip() == f"error: checkpoint path '{tmp_path / 'nope'}' does not exist"

@@ -66,3 +66,17 @@ def test_two_process_checkpoint_resumes_and_evaluates_in_one_process(two_process
                                                                          abs=1e-4)
     out = run_cli("evaluate", f"ckpt={resumed / 'checkpoints' / 'last'}", "max_batches=2").stdout
     assert "loss" in out and json.loads((resumed / "checkpoints" / "last" / "eval_val.json").read_text())["tokens"]
+
+
+def test_two_process_checkpoint_resumes_in_two_processes(two_process_run: Path, tmp_path: Path):
+    straight = tmp_path / "straight"
+    run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.max_steps=8", f"hydra.run.dir={straight}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlab.train", *COMMON,
+         "trainer.batch_size=4", "trainer.max_steps=8", f"resume={two_process_run / 'checkpoints' / 'last'}",
+         f"hydra.run.dir={tmp_path / 'resumed'}"],
+        capture_output=True, text=True, env=os.environ.copy(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert records(tmp_path / "resumed", "val/loss")[-1]["val/loss"] == pytest.approx(
+        records(straight, "val/loss")[-1]["val/loss"], abs=1e-4)

@@ -127,7 +127,8 @@ def register_accelerate_hooks(accelerator: Accelerator) -> None:
 
         for model in models:  # FSDP models never get here: Accelerate loads its sharded copy itself
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-            load_safetensors(unwrapped, str(Path(input_dir) / WEIGHTS), device=str(accelerator.device))
+            device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # not "cpu:0"
+            load_safetensors(unwrapped, str(Path(input_dir) / WEIGHTS), device=device)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

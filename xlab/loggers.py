@@ -1,21 +1,41 @@
 """Where metrics go: `<run>/metrics.jsonl` always (rank 0), plus Accelerate trackers named in `logger.trackers`
-(configs/logger/*.yaml). TRACKERS maps a name to the tracker Accelerate should start."""
+(configs/logger/*.yaml). TRACKERS maps a name to the tracker Accelerate should start.
+
+W&B (`logger=wandb`, `logger=all`): the trainer passes `tracker_init_kwargs(...)` to `accelerator.init_trackers`
+and stores `tracker_run_ids(accelerator)` in each checkpoint, so a resumed run appends to the same W&B run. Without
+credentials the run is logged offline under `<run>/wandb/` and can be uploaded later with `wandb sync`.
+wandb itself is imported by Accelerate only when the tracker starts, never when xlab is imported.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import secrets
+import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from xlab.errors import XLabError
 from xlab.registry import Registry
 
+log = logging.getLogger(__name__)
+
 TRACKERS: Registry[Callable[[Path], Any]] = Registry("logger")
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @TRACKERS.register("tensorboard")
 def tensorboard(run_dir: Path) -> Any:
     return "tensorboard"  # Accelerate's TensorBoardTracker, writing under <run>/tensorboard/
+
+
+@TRACKERS.register("wandb")
+def wandb_tracker(run_dir: Path) -> Any:
+    return "wandb"  # Accelerate's WandBTracker; its wandb.init arguments come from tracker_init_kwargs
 
 
 class MetricsFile:
@@ -42,3 +62,128 @@ def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = str(value)
     return out
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# --- W&B ---------------------------------------------------------------------------------------------------------
+
+
+def wandb_has_credentials() -> bool:
+    """An API key in the environment or a `wandb login` entry in ~/.netrc (what wandb itself would use)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return bool(host) and netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(logger_cfg: Any) -> str:
+    """logger.mode, else $WANDB_MODE, else online with credentials and offline without (never a login prompt)."""
+    mode = logger_cfg.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's legacy spellings
+    if mode not in WANDB_MODES:
+        raise XLabError(f"W&B mode {mode!r} (logger.mode or WANDB_MODE); valid: {', '.join(WANDB_MODES)}")
+    if mode == "online" and not wandb_has_credentials():
+        # wandb would ask for an API key on a terminal, or fail deep inside wandb.init without one
+        raise XLabError("W&B mode is online but no API key is set: run `wandb login`, set WANDB_API_KEY, "
+                        "or use logger.mode=offline")
+    return mode
+
+
+def check_logger_config(logger_cfg: Any) -> None:
+    """Unknown tracker names and W&B modes fail at start-up, before any data is prepared."""
+    for name in logger_cfg.trackers:
+        TRACKERS.get(name)
+    if "wandb" in logger_cfg.trackers:
+        wandb_mode(logger_cfg)
+
+
+def _last_two(path: Path) -> str:
+    """`outputs/2026-01-01/12-00-00` → `2026-01-01/12-00-00`: short, and unique for Hydra's default run dirs."""
+    return "/".join(Path(path).resolve().parts[-2:])
+
+
+def _sweep_dir() -> Path | None:
+    """The multirun's sweep dir when this process runs a Hydra sweep job, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def _is_main_process() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
+def new_run_id() -> str:
+    """A W&B-style run id (8 lowercase letters/digits), chosen here so the offline dir name is known in advance."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def tracker_init_kwargs(logger_cfg: Any, run_dir: Path, resume_ids: dict[str, str] | None = None) -> dict[str, dict]:
+    """`init_kwargs` for `accelerator.init_trackers`: per tracker, the arguments of its init (wandb.init for W&B).
+
+    W&B: files under <run_dir>/wandb/; project, entity, tags and name from logger_cfg; group from logger_cfg, else the
+    sweep dir for a Hydra multirun job (so a sweep's runs are grouped); the run id from resume_ids (a checkpoint's
+    `tracker_run_ids`) so a resumed run continues the same W&B run. Call on every rank; only rank 0 prints.
+    """
+    kwargs: dict[str, dict] = {}
+    if "wandb" not in logger_cfg.trackers:
+        return kwargs
+    run_dir = Path(run_dir)
+    mode = wandb_mode(logger_cfg)
+    sweep = _sweep_dir()
+    run_id = (resume_ids or {}).get("wandb") or new_run_id()
+    wandb_kwargs: dict[str, Any] = {
+        "dir": str(run_dir),
+        "entity": logger_cfg.entity,
+        "group": logger_cfg.group or (_last_two(sweep) if sweep is not None else None),
+        "tags": list(logger_cfg.tags) or None,
+        "name": logger_cfg.name or _last_two(run_dir),
+        "id": run_id,
+        "resume": "allow",  # continue run_id if W&B knows it, else create it
+        "mode": mode,
+    }
+    if mode == "offline":
+        # wandb's own banner would repeat what we print below, once per run, in every job of a sweep
+        wandb_kwargs["settings"] = {"silent": True}
+        if _is_main_process():
+            why = "logger.mode or WANDB_MODE is offline" if logger_cfg.mode or os.environ.get("WANDB_MODE") else \
+                "no W&B credentials: no WANDB_API_KEY, no `wandb login`"
+            log.info("W&B logs offline (%s) under %s; upload later with: wandb sync %s", why,
+                     run_dir / "wandb", run_dir / "wandb" / f"offline-run-*-{run_id}*")
+    kwargs["wandb"] = {k: v for k, v in wandb_kwargs.items() if v is not None}
+    return kwargs
+
+
+def tracker_run_ids(accelerator: Any) -> dict[str, str]:
+    """Ids of the started tracker runs ({"wandb": run id}) to store in a checkpoint; empty on ranks other than 0."""
+    ids: dict[str, str] = {}
+    for tracker in getattr(accelerator, "trackers", []):
+        run = getattr(tracker, "run", None) if tracker.name == "wandb" else None  # set by start(), on rank 0 only
+        if run is not None:
+            ids["wandb"] = run.id
+    return ids

@@ -29,7 +29,14 @@ from xlab.data.datamodule import XLabDataModule
 from xlab.data.estimate import epoch_estimate
 from xlab.data.sources import check_data_config
 from xlab.errors import XLabError
-from xlab.loggers import TRACKERS, MetricsFile, flat_config
+from xlab.loggers import (
+    TRACKERS,
+    MetricsFile,
+    check_logger_config,
+    flat_config,
+    tracker_init_kwargs,
+    tracker_run_ids,
+)
 from xlab.metrics import mfu, peak_flops
 from xlab.models import MODELS
 from xlab.models.transformer import check_model_config, lm_loss_sums
@@ -112,8 +119,7 @@ def check_config(cfg: TrainConfig) -> None:
         check_tokenizer_config(cfg.tokenizer)
     check_optimizer_config(cfg.optimizer)
     check_scheduler_config(cfg.scheduler)
-    for name in cfg.logger.trackers:
-        TRACKERS.get(name)
+    check_logger_config(cfg.logger)
     t = cfg.trainer
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "log_every"):
         if getattr(t, key) < 1:
@@ -239,15 +245,18 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
     step, tokens_seen = 0, 0
     config_dict = to_container(OmegaConf.structured(cfg))
     resume_from = _resume_path(cfg.resume, ckpt_root)
+    resume_ids = None
     if resume_from is not None:
         state = load_training_state(accelerator, resume_from, config_dict)
+        resume_ids = state.get("trackers")  # the same W&B run continues
         step, tokens_seen = state["step"], state["tokens"]
         sampler.load_state_dict(state["sampler"])
         if main:
             log.info("resumed from %s at step %d", resume_from, step)
 
     if trackers:
-        accelerator.init_trackers(cfg.logger.project, config=flat_config(config_dict))
+        accelerator.init_trackers(cfg.logger.project, config=flat_config(config_dict),
+                                  init_kwargs=tracker_init_kwargs(cfg.logger, run_dir, resume_ids))
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     peak = peak_flops(accelerator.device, mixed_precision)
     if main:
@@ -274,7 +283,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         sums = accelerator.gather(total.reshape(1)).tolist()
         if main and len(set(sums)) > 1:
             log.warning("weights differ across ranks at step %d: checksums %s", step, sums)
-        state = {"tokens": tokens_seen, "sampler": sampler.state_dict(), "rank_weight_checksums": sums}
+        state = {"tokens": tokens_seen, "sampler": sampler.state_dict(), "rank_weight_checksums": sums,
+                 "trackers": tracker_run_ids(accelerator)}
         return save_checkpoint(accelerator, ckpt_root, step, config_dict, datamodule.tokenizer_path, state,
                                t.keep_last, name)
 
