@@ -51,19 +51,20 @@ def _byte_level(model: models.Model, cfg: TokenizerConfig, decoder: decoders.Dec
     return tok
 
 
+def _trainer_args(cfg: TokenizerConfig) -> dict:
+    """What every trainer is given: the vocabulary size, the special tokens first, and all 256 byte symbols (so any
+    UTF-8 text stays encodable)."""
+    return dict(vocab_size=cfg.vocab_size, special_tokens=special_tokens(cfg),
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+
 @TOKENIZERS.register("bpe")
 def train_bpe(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     """Byte-level BPE (GPT-2's scheme): merges of the most frequent adjacent symbol pairs. A word that is itself in
     the vocabulary becomes that one token without replaying merges (`ignore_merges`, as in Llama 3): ~10% faster
     encoding, and decoding is unaffected."""
     tok = _byte_level(models.BPE(unk_token=cfg.unk_token, ignore_merges=True), cfg)
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=special_tokens(cfg),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(min_frequency=cfg.min_frequency, **_trainer_args(cfg))
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -74,13 +75,7 @@ def train_unigram(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     under learned piece probabilities. `min_frequency` does not apply. A small corpus may yield fewer pieces than
     vocab_size."""
     tok = _byte_level(models.Unigram(), cfg)
-    trainer = trainers.UnigramTrainer(
-        vocab_size=cfg.vocab_size,
-        special_tokens=special_tokens(cfg),
-        unk_token=cfg.unk_token,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.UnigramTrainer(unk_token=cfg.unk_token, **_trainer_args(cfg))
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -92,12 +87,7 @@ def train_wordpiece(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     tok = _byte_level(models.WordPiece(unk_token=cfg.unk_token, continuing_subword_prefix=WORDPIECE_PREFIX), cfg,
                       decoder)
     trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=special_tokens(cfg),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        continuing_subword_prefix=WORDPIECE_PREFIX,
-        show_progress=False,
+        min_frequency=cfg.min_frequency, continuing_subword_prefix=WORDPIECE_PREFIX, **_trainer_args(cfg),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     # WordPiece turns a whole word into <unk> when one piece is missing. The trainer only adds the word-internal
