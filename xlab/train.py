@@ -33,7 +33,7 @@ def validate(cfg: DictConfig) -> None:
     from xlab.checkpoint import check_resume_config, resolve_checkpoint
     from xlab.config import to_container
     from xlab.errors import check_writable_dir
-    from xlab.trainer import check_config
+    from xlab.trainer import check_config, resume_path
 
     run_dir = Path(cfg.hydra.run.dir)
     check_writable_dir(run_dir, "hydra.run.dir")
@@ -41,13 +41,9 @@ def validate(cfg: DictConfig) -> None:
         del cfg["hydra"]
     train_cfg = OmegaConf.to_object(cfg)
     check_config(train_cfg)
-    if train_cfg.resume is not None and train_cfg.init_from is None:
-        last = run_dir / "checkpoints" / "last"
-        if train_cfg.resume != "auto":
-            check_resume_config(resolve_checkpoint(train_cfg.resume), to_container(cfg))
-        elif last.exists():
-            check_resume_config(resolve_checkpoint(last), to_container(cfg))
-
+    ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
+    if ckpt is not None and train_cfg.init_from is None:
+        check_resume_config(resolve_checkpoint(ckpt), to_container(cfg))
 
 main = hydra_app("train", task, validate)
 

@@ -176,7 +176,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
+def resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
+    """The checkpoint `resume` names: a path, or "auto" = <run dir>/checkpoints/last when it exists."""
     if resume is None:
         return None
     if resume == "auto":
@@ -244,7 +245,7 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
     ckpt_root = run_dir / "checkpoints"
     step, tokens_seen = 0, 0
     config_dict = to_container(OmegaConf.structured(cfg))
-    resume_from = _resume_path(cfg.resume, ckpt_root)
+    resume_from = resume_path(cfg.resume, ckpt_root)
     resume_ids = None
     if resume_from is not None:
         state = load_training_state(accelerator, resume_from, config_dict)
