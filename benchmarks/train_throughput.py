@@ -1,12 +1,20 @@
-"""Training-step throughput of XLab model presets, optionally against transformers models of the same shape.
+"""Training-step throughput of XLab models against the transformers models of the same shape, in one run.
 
-One step = forward + cross-entropy + backward + fused AdamW update, on random tokens. Reports the median tok/s
-over the timed steps (after warm-up), and XLab/peer ratios when --hf is given (the peer is the transformers model
-that computes the same function: GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM, same weights).
+One step = forward + loss + backward + fused AdamW update on random tokens, each framework its own way: XLab's
+training path `model(x, targets=y)` (fused chunked head + cross-entropy + accuracy, see xlab/models/loss.py), and
+transformers' `model(input_ids=x, labels=x).loss`. The peer is the transformers model that computes the same
+function with the same weights (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM; `xlab.models.hf`). Medians of
+the timed steps after warm-up, in eager mode and under torch.compile, fp32 and bf16 autocast.
 
-    python benchmarks/train_throughput.py --presets gpt2_tiny llama_tiny modern_small
-    python benchmarks/train_throughput.py --presets gpt2_tiny llama_tiny --set n_layer=6 d_model=384 n_head=6 \
-        --vocab 8192 --hf --precision fp32 bf16
+    # the performance issue's shape (6 x 384, 6 heads, ctx 256, batch 8, vocab 8192), GPT-2 and Llama, fp32 and
+    # bf16, eager and compiled:
+    python benchmarks/train_throughput.py
+    python benchmarks/train_throughput.py --presets gpt2_small --set n_kv_head=null --steps 3 --warmup 1
+    python benchmarks/train_throughput.py --profile 12 --modes eager --precision bf16   # + top ops of each step
+    python benchmarks/train_throughput.py --plain-xlab --no-keep-freed-memory ...       # XLab before the speed-ups
+
+Like XLab's trainer, the script sets glibc to keep freed memory (xlab/runtime.py) unless told not to; that speeds
+up the peer as much, so it moves tok/s, not the ratios.
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from xlab.errors import XLabError
 from xlab.models import XLabModel
+from xlab.runtime import keep_freed_memory
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
+ISSUE_SHAPE = ["n_layer=6", "d_model=384", "n_head=6", "n_kv_head=null"]
 
 
 def preset(name: str, overrides: list[str]) -> dict:
@@ -35,67 +46,115 @@ def preset(name: str, overrides: list[str]) -> dict:
     return cfg
 
 
-def step_time(model: torch.nn.Module, batch: int, seq: int, vocab: int, steps: int, warmup: int,
-              dtype: torch.dtype | None, hf: bool) -> float:
+def make_step(model: torch.nn.Module, kind: str, x: torch.Tensor, dtype: torch.dtype | None):
+    """One training step of `model` (kind: xlab | plain | hf) on the batch x, as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = x[:, :-1], x[:, 1:]
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-        with ctx:
-            logits = model(inputs).logits if hf else model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+            if kind == "xlab":
+                loss = model(inputs, targets=targets).objective
+            elif kind == "plain":  # XLab before the fused head: materialised logits, fp32 cross-entropy, argmax
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+                (logits.argmax(-1) == targets).sum()
+            else:
+                loss = model(input_ids=inputs, labels=inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
+
+
+def measure(step, steps: int, warmup: int) -> tuple[float, float]:
+    """(median step seconds, seconds of the first step, which includes compilation when compiled)."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+def profile(step, rows: int, label: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(f"\n#### top ops, {label} (3 steps)\n```")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    print("```\n", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["gpt2_tiny", "llama_tiny", "modern_small"])
-    ap.add_argument("--set", nargs="*", default=[], help="model overrides applied to every preset, e.g. n_layer=6")
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--presets", nargs="+", default=["gpt2_tiny", "llama_tiny"], help="configs/model/<name>.yaml")
+    ap.add_argument("--set", nargs="*", default=ISSUE_SHAPE, help="model overrides applied to every preset")
+    ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--precision", nargs="+", default=["bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--hf", action="store_true", help="also time the transformers model of the same shape")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--no-peer", action="store_true", help="time XLab only")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N top ops of each eager step")
+    ap.add_argument("--plain-xlab", action="store_true",
+                    help="XLab as before the speed-ups: logits + F.cross_entropy, SDPA attention")
+    ap.add_argument("--no-keep-freed-memory", action="store_true", help="leave glibc's malloc at its defaults")
     args = ap.parse_args()
 
+    kept = False if args.no_keep_freed_memory else keep_freed_memory()
     torch.manual_seed(0)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; batch {args.batch} x seq {args.seq}, vocab {args.vocab}, median of {args.steps}")
-    print("| model | params | precision | XLab tok/s | peer | peer tok/s | XLab/peer |")
-    print("|---|---|---|---|---|---|---|")
+          f"{torch.__version__}; batch {args.batch} x seq {args.seq}, vocab {args.vocab}, median of {args.steps} "
+          f"steps after {args.warmup}; keep_freed_memory={kept}; XLab path: "
+          f"{'plain (logits, SDPA)' if args.plain_xlab else 'fused head loss, attn_impl=auto'}")
+    print("| model | params | precision | mode | XLab tok/s | peer | peer tok/s | XLab/peer | first step XLab/peer |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    tokens = args.batch * args.seq
     for name in args.presets:
-        cfg = preset(name, [f"max_len={args.seq}", *args.set])
-        model = XLabModel(args.vocab, **cfg).train()
+        overrides = [f"max_len={args.seq}", *args.set] + (["attn_impl=sdpa"] if args.plain_xlab else [])
+        model = XLabModel(args.vocab, **preset(name, overrides)).train()
         peer = None
-        if args.hf:
+        if not args.no_peer:
             from xlab.models.hf import to_hf_model
 
             try:
                 peer = to_hf_model(model).train()
-            except XLabError:
-                peer = None
+            except XLabError as err:
+                print(f"<!-- {name}: no transformers peer: {err} -->")
         for precision in args.precision:
             dtype = torch.bfloat16 if precision == "bf16" else None
-            tokens = args.batch * args.seq
-            ours = tokens / step_time(model, args.batch, args.seq, args.vocab, args.steps, args.warmup, dtype, False)
-            row = f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {ours:,.0f} |"
-            if peer is not None:
-                theirs = tokens / step_time(peer, args.batch, args.seq, args.vocab, args.steps, args.warmup, dtype,
-                                            True)
-                row += f" {type(peer).__name__} | {theirs:,.0f} | {ours / theirs:.2f} |"
-            else:
-                row += " - | - | - |"
-            print(row, flush=True)
+            for mode in args.modes:
+                wrap = torch.compile if mode == "compiled" else (lambda m: m)
+                ours_step = make_step(wrap(model), "plain" if args.plain_xlab else "xlab", x, dtype)
+                ours, ours_first = measure(ours_step, args.steps, args.warmup)
+                row = (f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {mode} | {tokens / ours:,.0f} |")
+                theirs_step = None
+                if peer is not None:
+                    theirs_step = make_step(wrap(peer), "hf", x, dtype)
+                    theirs, theirs_first = measure(theirs_step, args.steps, args.warmup)
+                    row += (f" {type(peer).__name__} | {tokens / theirs:,.0f} | **{theirs / ours:.2f}** |"
+                            f" {ours_first:.1f} s / {theirs_first:.1f} s |")
+                else:
+                    row += f" - | - | - | {ours_first:.1f} s |"
+                print(row, flush=True)
+                if args.profile and mode == "eager":
+                    profile(ours_step, args.profile, f"XLab {name} {precision} {mode}")
+                    if theirs_step is not None:
+                        profile(theirs_step, args.profile, f"{type(peer).__name__} {precision} {mode}")
+                torch._dynamo.reset()
 
 
 if __name__ == "__main__":

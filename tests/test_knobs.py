@@ -9,7 +9,8 @@ from torch import nn
 from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.models import XLabModel
-from xlab.models.transformer import RotaryPositions, default_d_ff, lm_loss_sums
+from xlab.models.loss import lm_loss_sums
+from xlab.models.transformer import RotaryPositions, default_d_ff
 
 BASE = dict(n_layer=2, n_head=4, d_model=32, max_len=16)
 

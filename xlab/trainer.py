@@ -39,8 +39,9 @@ from xlab.loggers import (
 )
 from xlab.metrics import mfu, peak_flops
 from xlab.models import MODELS
-from xlab.models.transformer import check_model_config, lm_loss_sums
+from xlab.models.transformer import check_model_config
 from xlab.optimizers import OPTIMIZERS, check_optimizer_config
+from xlab.runtime import keep_freed_memory
 from xlab.schedulers import build_scheduler, check_scheduler_config
 from xlab.tokenizer import check_tokenizer_config
 
@@ -72,15 +73,6 @@ def autocast_for(device: torch.device, mixed_precision: str) -> Callable[[], Abs
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def token_sums(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed training objective, summed next-token cross-entropy and number of correct argmax predictions."""
-    logits = model(x)
-    objective, ce = lm_loss_sums(logits, y, z_loss)
-    return objective, ce, (logits.argmax(-1) == y).sum()
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -97,7 +89,7 @@ def evaluate(
     for x, y in windows:
         x, y = x.to(device), y.to(device)
         with autocast():
-            _, batch_loss, batch_correct = token_sums(model, x, y)
+            _, batch_loss, batch_correct = model(x, targets=y)
         totals += torch.stack([batch_loss.double(), batch_correct.double(), totals.new_tensor(y.numel())])
     model.train(was_training)
     if reduce is not None:
@@ -200,6 +192,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
         init = load_init(cfg.init_from)
         cfg.model, cfg.tokenizer = init.model_config, init.tokenizer
     check_config(cfg)
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     run_dir = Path(run_dir)
     t = cfg.trainer
     mixed_precision = resolve_precision(t.precision)
@@ -307,7 +301,7 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, float
                 x, y = sampler.next_batch()
                 x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
                 with accelerator.accumulate(model):
-                    objective, loss_sum, correct = token_sums(model, x, y, cfg.model.z_loss)
+                    objective, loss_sum, correct = model(x, targets=y)
                     # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean
                     # over all of its tokens rather than a mean of per-micro-batch means.
                     accelerator.backward(objective * (t.grad_accum_steps / tokens_per_step))

@@ -19,6 +19,8 @@ from torch import nn
 
 from xlab.config import ModelConfig
 from xlab.errors import XLabError
+from xlab.models.loss import LossSums, head_loss_sums
+from xlab.models.ops import ATTN_IMPLS, EAGER_MAX_LEN, eager_attention, rms_norm
 from xlab.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
@@ -41,6 +43,11 @@ class RMSNorm(nn.RMSNorm):
 
     def __init__(self, dim: int, cfg: ModelConfig) -> None:
         super().__init__(dim, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return rms_norm(x, self.weight, self.eps)  # PyTorch has no fused RMSNorm backward on CPU
+        return super().forward(x)
 
 
 # --- positional schemes: either added to the embeddings, or rotating queries and keys -----------------------------
@@ -108,6 +115,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.d_model // cfg.n_head
         self.dropout = cfg.dropout
+        self.attn_impl = cfg.attn_impl
         # One matmul for queries, keys and values; keys/values have n_kv_head heads each.
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -128,12 +136,17 @@ class CausalSelfAttention(nn.Module):
         q, k = pos.rotate(self.q_norm(q), self.k_norm(k), positions)
         if cache is not None:  # attend to every cached key as well as the new ones
             k, v = cache.update(self.layer_idx, k, v)
-        # SDPA picks the fastest kernel for the device and dtype; enable_gqa lets query head i read kv head
-        # i // (n_head / n_kv_head) without materialising repeated keys and values.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,  # no mask = plain causal attention from position 0
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.attn_impl == "eager" or (self.attn_impl == "auto" and x.device.type == "cpu" and cache is None
+                                         and mask is None and x.shape[1] <= EAGER_MAX_LEN):
+            y = eager_attention(q, k, v, mask, dropout)
+        else:
+            # SDPA picks the fastest kernel for the device and dtype; enable_gqa lets query head i read kv head
+            # i // (n_head / n_kv_head) without materialising repeated keys and values.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,  # no mask = plain causal attention from position 0
+                dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head,
+            )
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -256,6 +269,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise XLabError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     if cfg.norm_position not in ("pre", "post"):
         raise XLabError(f"model.norm_position={cfg.norm_position!r}; valid: pre, post")
+    if cfg.attn_impl not in ATTN_IMPLS:
+        raise XLabError(f"model.attn_impl={cfg.attn_impl!r}; valid: {', '.join(ATTN_IMPLS)}")
     if cfg.residual_init not in RESIDUAL_INITS:
         raise XLabError(f"model.residual_init={cfg.residual_init!r}; valid: {', '.join(RESIDUAL_INITS)}")
     if cfg.logit_softcap is not None and cfg.logit_softcap <= 0:
@@ -336,9 +351,11 @@ class XLabModel(nn.Module):
         return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.d_model * t
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits for every input position.
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | LossSums:
+        """Logits for every input position, or with `targets` (B, T) the summed loss and accuracy against them
+        (LossSums; computed without materialising the logits, see xlab/models/loss.py).
 
         cache: a KVCache; the input continues the cached tokens and is added to the cache (prefill, then one token
         per step). attention_mask: (B, cached + T) with 0 for padding, for batches of left-padded prompts; each
@@ -364,6 +381,9 @@ class XLabModel(nn.Module):
         x = self.drop(self.pos_emb.embed(self.tok_emb(input_ids), positions))
         for block in self.blocks:
             x = block(x, self.pos_emb, positions, cache, mask)
+        if targets is not None:
+            return head_loss_sums(self.norm_f(x), self.lm_head.weight, targets, self.cfg.logit_softcap,
+                                  self.cfg.z_loss)
         logits = self.lm_head(self.norm_f(x))
         if self.cfg.logit_softcap:
             # Smoothly bound logits to (-cap, cap) (Gemma 2): keeps early training from over-confident spikes.
@@ -376,15 +396,3 @@ class XLabModel(nn.Module):
         from xlab.checkpoint import load_model
 
         return load_model(path, map_location=map_location)
-
-
-def lm_loss_sums(
-    logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(objective, cross-entropy), each summed over tokens. The objective adds z_loss · logsumexp(logits)², which
-    keeps the softmax normaliser near 1 (PaLM) so logits do not drift in bf16."""
-    flat = logits.flatten(0, 1).float()
-    ce = F.cross_entropy(flat, targets.flatten(), reduction="sum")
-    if z_loss == 0:
-        return ce, ce
-    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().sum(), ce

@@ -1,0 +1,62 @@
+"""Ops whose stock PyTorch CPU kernels are slow, written with fewer passes over memory. Each computes what the
+plain PyTorch expression computes (tests/test_fast_paths.py) and is chosen by the model code, not by configs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# On a CPU, SDPA's flash kernel is ~2x slower than plain matmul + softmax at short contexts (benchmarks/attention.py);
+# the eager path stores the (T x T) scores, so "auto" takes it only up to this many tokens.
+EAGER_MAX_LEN = 512
+ATTN_IMPLS = ("auto", "sdpa", "eager")
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + causal or given mask)·v, as transformers' "eager" attention: scores in the matmul's dtype
+    (bf16 under autocast), the softmax accumulated in fp32 inside the kernel. mask: bool, True = may attend,
+    broadcastable to (B, H, T, S); None = causal from position 0."""
+    if k.shape[1] != q.shape[1]:  # grouped key/value heads: repeat each for the query heads that read it
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    t, s = q.shape[-2], k.shape[-2]
+    if mask is None:
+        bias = torch.full((t, s), float("-inf"), device=q.device).triu(s - t + 1)
+    else:
+        bias = torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = torch.add(bias.to(scores.dtype), scores, alpha=q.shape[-1] ** -0.5)
+    probs = F.dropout(torch.softmax(scores, dim=-1), dropout)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, in fp32, as torch.nn.functional.rms_norm; ~2x faster on a CPU,
+    where rms_norm's backward runs as a dozen separate ops."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # type: ignore[override]
+        xf = x.float()
+        mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        rstd = torch.rsqrt(mean_square.add_(eps))
+        normed = xf * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return (normed * weight).to(torch.result_type(x, weight))
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        normed, rstd, weight = ctx.saved_tensors
+        grad = grad.float()
+        grad_weight = (grad * normed).flatten(0, -2).sum(0)
+        grad_normed = grad * weight
+        # d(normed)/dx projects out the component along normed: rstd * (g - normed * mean(g * normed))
+        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze_(-1).div_(normed.shape[-1])
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), grad_weight.to(weight.dtype), None
