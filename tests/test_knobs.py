@@ -25,8 +25,8 @@ def test_rope_scores_depend_only_on_relative_offset():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(m: int, n: int) -> float:
-        qm, _ = rope.rotate(q, q, torch.tensor([m]))
-        _, kn = rope.rotate(k, k, torch.tensor([n]))
+        qm, _ = rope.rotate(q, q, rope.prepare(torch.tensor([m])))
+        _, kn = rope.rotate(k, k, rope.prepare(torch.tensor([n])))
         return float((qm * kn).sum())
 
     assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5) == pytest.approx(score(2, 0), abs=1e-5)
@@ -51,11 +51,11 @@ def test_gqa_shares_keys_and_values_across_head_groups():
     positions = torch.arange(16)
     q, k, v = attn.qkv(x).split([4 * hd, 2 * hd, 2 * hd], dim=-1)
     q, k, v = (t.view(2, 16, -1, hd).transpose(1, 2) for t in (q, k, v))
-    q, k = m.pos_emb.rotate(q, k, positions)
+    q, k = m.pos_emb.rotate(q, k, m.pos_emb.prepare(positions))
     k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # query heads 0,1 → kv head 0, ...
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     expected = attn.proj(ref.transpose(1, 2).reshape(2, 16, 32))
-    assert torch.allclose(attn(x, m.pos_emb, positions), expected, atol=1e-5)
+    assert torch.allclose(attn(x, m.pos_emb, m.pos_emb.prepare(positions)), expected, atol=1e-5)
     mqa = model(n_kv_head=1).blocks[0].attn.qkv.weight
     assert mqa.shape == ((4 + 2) * hd, 32)
 
@@ -70,7 +70,7 @@ def test_post_norm_normalises_each_block_output():
     m = model(norm_position="post").eval()
     assert isinstance(m.norm_f, nn.Identity)
     x = torch.randn(2, 16, 32) * 5
-    out = m.blocks[0](x, m.pos_emb, torch.arange(16))
+    out = m.blocks[0](x, m.pos_emb, m.pos_emb.prepare(torch.arange(16)))
     assert torch.allclose(out.mean(-1), torch.zeros(2, 16), atol=1e-5)
     assert torch.allclose(out.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-3)
 
@@ -92,7 +92,7 @@ def test_qk_norm_makes_attention_invariant_to_query_key_scale():
     for qk_norm, invariant in ((True, True), (False, False)):
         m = model(qk_norm=qk_norm, pos_emb="rope").eval()
         attn = m.blocks[0].attn
-        x, pos = torch.randn(1, 16, 32), torch.arange(16)
+        x, pos = torch.randn(1, 16, 32), m.pos_emb.prepare(torch.arange(16))
         before = attn(x, m.pos_emb, pos)
         with torch.no_grad():
             attn.qkv.weight[:64] *= 10  # scale queries and keys

@@ -53,7 +53,9 @@ class RMSNorm(nn.RMSNorm):
 # --- positional schemes: either added to the embeddings, or rotating queries and keys -----------------------------
 
 class Positions(nn.Module):
-    """No explicit positions (NoPE): causal attention alone tells tokens apart. The base of the other schemes."""
+    """No explicit positions (NoPE): causal attention alone tells tokens apart. The base of the other schemes.
+
+    prepare(positions) runs once per forward; what it returns is handed to rotate() in every layer."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -61,7 +63,10 @@ class Positions(nn.Module):
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, positions: torch.Tensor) -> Any:
+        return None
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
 
@@ -91,18 +96,22 @@ class RotaryPositions(Positions):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived from the config, not a weight
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's angles, (T, hd) or (B, 1, T, hd) for per-row positions. The sign of
+        rotate-half is folded into sin: x·cos + rotate_half(x)·sin = x·cos + roll(x, hd/2)·[-sin, sin]."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # (T, hd/2) or (B, T, hd/2)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         if positions.dim() == 2:  # per-row positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return cos, sin
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = (a.to(q.dtype) for a in prepared)
+        half = q.shape[-1] // 2
+        return torch.addcmul(q * cos, q.roll(half, -1), sin), torch.addcmul(k * cos, k.roll(half, -1), sin)
 
 
 # --- attention ---------------------------------------------------------------------------------------------------
@@ -125,7 +134,7 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = norm(self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, pos: Positions, positions: torch.Tensor,
+        self, x: torch.Tensor, pos: Positions, rot: Any,
         cache: KVCache | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kv_dim = self.n_kv_head * self.head_dim
@@ -133,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)
-        q, k = pos.rotate(self.q_norm(q), self.k_norm(k), positions)
+        q, k = pos.rotate(self.q_norm(q), self.k_norm(k), rot)
         if cache is not None:  # attend to every cached key as well as the new ones
             k, v = cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -243,13 +252,13 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, pos: Positions, positions: torch.Tensor,
+        self, x: torch.Tensor, pos: Positions, rot: Any,
         cache: KVCache | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), pos, positions, cache, mask))
+            x = x + self.drop(self.attn(self.norm1(x), pos, rot, cache, mask))
             return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, pos, positions, cache, mask)))
+        x = self.norm1(x + self.drop(self.attn(x, pos, rot, cache, mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
@@ -379,8 +388,9 @@ class XLabModel(nn.Module):
             own = arange == arange[past:, None]
             mask = mask | own  # a padding query sees itself: no row of the mask is empty (NaN-free)
         x = self.drop(self.pos_emb.embed(self.tok_emb(input_ids), positions))
+        rot = self.pos_emb.prepare(positions)
         for block in self.blocks:
-            x = block(x, self.pos_emb, positions, cache, mask)
+            x = block(x, self.pos_emb, rot, cache, mask)
         if targets is not None:
             return head_loss_sums(self.norm_f(x), self.lm_head.weight, targets, self.cfg.logit_softcap,
                                   self.cfg.z_loss)
