@@ -28,11 +28,14 @@ train() {  # name, extra overrides...: a short gpt2_small run; prints the last t
   tail -n 2 "$OUT/$name/metrics.jsonl" 2>/dev/null | head -1
 }
 
-# 1 GPU, DDP path (plain), compiled, the largest of these batches that fits
+# the training step against transformers on the GPU: gpt2_small shape, context 1024, bf16, eager and compiled
+log "train step: XLab vs transformers"
+timeout 200 python benchmarks/train_throughput.py --device cuda --presets gpt2_small --set --seq 1024 --batch 16 \
+  --vocab 8192 --precision bf16 --steps 10 --warmup 3 || true
+# 1 GPU, compiled, SDPA (flash) attention, the largest of these batches that fits: tok/s and MFU from the trainer
 train b32_compiled python -m xlab.train trainer.batch_size=32 trainer.compile=true
 train b64_compiled python -m xlab.train trainer.batch_size=64 trainer.compile=true
-# torchrun with DDP and with FSDP2 (1 process: smoke tests of the launch and the sharded checkpoint path)
-train ddp_torchrun torchrun --nproc_per_node 1 -m xlab.train trainer.batch_size=16
+# torchrun with FSDP2 (1 process: a smoke test of the launch and the sharded checkpoint path)
 train fsdp_torchrun torchrun --nproc_per_node 1 -m xlab.train trainer.batch_size=16 trainer.strategy=fsdp
 log "fsdp checkpoint evaluates"
 timeout 60 python -m xlab.evaluate ckpt="$OUT/fsdp_torchrun/checkpoints/last" max_batches=4 || true

@@ -52,7 +52,7 @@ def make_step(model: torch.nn.Module, kind: str, x: torch.Tensor, dtype: torch.d
     inputs, targets = x[:, :-1], x[:, 1:]
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+        with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             if kind == "xlab":
                 loss = model(inputs, targets=targets).objective
             elif kind == "plain":  # XLab before the fused head: materialised logits, fp32 cross-entropy, argmax
@@ -64,6 +64,8 @@ def make_step(model: torch.nn.Module, kind: str, x: torch.Tensor, dtype: torch.d
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()  # time the work, not its launch
 
     return step
 
@@ -87,11 +89,13 @@ def profile(step, rows: int, label: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    gpu = torch.cuda.is_available()
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         for _ in range(3):
             step()
     print(f"\n#### top ops, {label} (3 steps)\n```")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48))
     print("```\n", flush=True)
 
 
@@ -111,27 +115,31 @@ def main() -> None:
     ap.add_argument("--plain-xlab", action="store_true",
                     help="XLab as before the speed-ups: logits + F.cross_entropy, SDPA attention")
     ap.add_argument("--no-keep-freed-memory", action="store_true", help="leave glibc's malloc at its defaults")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = ap.parse_args()
 
     kept = False if args.no_keep_freed_memory else keep_freed_memory()
     torch.manual_seed(0)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"# {where}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; batch {args.batch} x seq {args.seq}, vocab {args.vocab}, median of {args.steps} "
           f"steps after {args.warmup}; keep_freed_memory={kept}; XLab path: "
           f"{'plain (logits, SDPA)' if args.plain_xlab else 'fused head loss, attn_impl=auto'}")
     print("| model | params | precision | mode | XLab tok/s | peer | peer tok/s | XLab/peer | first step XLab/peer |")
     print("|---|---|---|---|---|---|---|---|---|")
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    x = x.to(args.device)
     tokens = args.batch * args.seq
     for name in args.presets:
         overrides = [f"max_len={args.seq}", *args.set] + (["attn_impl=sdpa"] if args.plain_xlab else [])
-        model = XLabModel(args.vocab, **preset(name, overrides)).train()
+        model = XLabModel(args.vocab, **preset(name, overrides)).to(args.device).train()
         peer = None
         if not args.no_peer:
             from xlab.models.hf import to_hf_model
 
             try:
-                peer = to_hf_model(model).train()
+                peer = to_hf_model(model).to(args.device).train()
             except XLabError as err:
                 print(f"<!-- {name}: no transformers peer: {err} -->")
         for precision in args.precision:

@@ -111,6 +111,19 @@ def test_attn_impls_train_the_same_model():
     assert torch.allclose(grads["sdpa"], grads["auto"], atol=1e-5)
 
 
+def test_auto_attention_is_eager_only_for_bf16_on_cpu_at_short_context(monkeypatch):
+    import xlab.models.transformer as transformer
+
+    calls = []
+    monkeypatch.setattr(transformer, "eager_attention", lambda *a: calls.append(a[0].dtype) or eager_attention(*a))
+    model = XLabModel(50, n_layer=1, n_head=2, d_model=16, max_len=600)
+    model(torch.randint(0, 50, (1, 8)), targets=torch.randint(0, 50, (1, 8)))  # fp32: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 50, (1, 8)), targets=torch.randint(0, 50, (1, 8)))  # bf16: eager
+        model(torch.randint(0, 50, (1, 513)), targets=torch.randint(0, 50, (1, 513)))  # past 512 tokens: SDPA
+    assert calls == [torch.bfloat16]
+
+
 def test_bad_attn_impl_is_refused():
     with pytest.raises(XLabError, match=r"model.attn_impl='flash'; valid: auto, sdpa, eager"):
         XLabModel(50, n_layer=1, n_head=2, d_model=16, attn_impl="flash")

@@ -77,7 +77,7 @@ class ModelConfig:
     z_loss: float = 0.0  # coefficient of the mean squared log-partition term added to the training loss
     init_std: float = 0.02
     residual_init: str = "scaled"  # output projections of residual branches: scaled | zero | plain
-    attn_impl: str = "auto"  # sdpa | eager (matmul + fp32 softmax) | auto: eager on CPU up to 512 tokens, else sdpa
+    attn_impl: str = "auto"  # sdpa | eager (matmul + softmax) | auto: eager for bf16 on CPU up to 512 tokens, else sdpa
 
 
 @dataclass
@@ -163,7 +163,7 @@ class SamplerConfig:
 class TrainerConfig:
     """See xlab/trainer.py."""
 
-    max_steps: int = 600
+    max_steps: int = 900
     batch_size: int = 16  # sequences per device per micro-step
     grad_accum_steps: int = 1
     precision: Precision = Precision.auto

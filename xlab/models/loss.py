@@ -41,7 +41,6 @@ def lm_loss_sums(
     return ce + z_loss * torch.logsumexp(flat, dim=-1).square().sum(), ce
 
 
-@torch.compiler.disable  # traced by torch.compile (2.13), the Function's outputs came back without a grad_fn
 def head_loss_sums(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     softcap: float | None = None, z_loss: float = 0.0,
@@ -49,6 +48,14 @@ def head_loss_sums(
     """Loss sums of logits = softcap(h @ weight.T) against targets, computed chunk by chunk. h: (..., d),
     weight: (vocab, d), targets: h's leading shape. Under autocast the matmuls run in its dtype and the softmax in
     fp32, as they would unfused. Only `objective` carries a gradient."""
+    if torch.compiler.is_compiling():
+        # Inside torch.compile this runs eagerly (a graph break): traced by torch 2.13, the Function's outputs came
+        # back without a grad_fn. Decorating the function instead would import torch._dynamo (~1 s) at start-up.
+        return torch.compiler.disable(_head_loss_sums)(h, weight, targets, softcap, z_loss)
+    return _head_loss_sums(h, weight, targets, softcap, z_loss)
+
+
+def _head_loss_sums(h, weight, targets, softcap, z_loss):
     h2, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         objective, ce, correct = _HeadLoss.apply(h2, weight, y, softcap, z_loss)

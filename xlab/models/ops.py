@@ -7,10 +7,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# On a CPU, SDPA's flash kernel is ~2x slower than plain matmul + softmax at short contexts (benchmarks/attention.py);
-# the eager path stores the (T x T) scores, so "auto" takes it only up to this many tokens.
+# On a CPU in bf16, SDPA's flash kernel is 1.5-4x slower than plain matmul + softmax up to 1024 tokens of context; in
+# fp32 it is as fast or faster (benchmarks/attention.py). The eager path stores the (T x T) scores, so "auto" takes
+# it only up to this many tokens.
 EAGER_MAX_LEN = 512
 ATTN_IMPLS = ("auto", "sdpa", "eager")
+
+
+def use_eager_attention(q: torch.Tensor, causal_from_start: bool) -> bool:
+    """attn_impl=auto: eager for low-precision causal attention on a CPU at short context, SDPA otherwise."""
+    return (causal_from_start and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-2] <= EAGER_MAX_LEN)
 
 
 def eager_attention(

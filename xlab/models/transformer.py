@@ -20,7 +20,7 @@ from torch import nn
 from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.models.loss import LossSums, head_loss_sums
-from xlab.models.ops import ATTN_IMPLS, EAGER_MAX_LEN, eager_attention, rms_norm
+from xlab.models.ops import ATTN_IMPLS, eager_attention, rms_norm, use_eager_attention
 from xlab.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
@@ -146,8 +146,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # attend to every cached key as well as the new ones
             k, v = cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
-        if self.attn_impl == "eager" or (self.attn_impl == "auto" and x.device.type == "cpu" and cache is None
-                                         and mask is None and x.shape[1] <= EAGER_MAX_LEN):
+        if self.attn_impl == "eager" or (self.attn_impl == "auto" and use_eager_attention(q, cache is None
+                                                                                         and mask is None)):
             y = eager_attention(q, k, v, mask, dropout)
         else:
             # SDPA picks the fastest kernel for the device and dtype; enable_gqa lets query head i read kv head
