@@ -1,5 +1,6 @@
 """Ops whose stock PyTorch CPU kernels are slow, written with fewer passes over memory. Each computes what the
-plain PyTorch expression computes (tests/test_fast_paths.py) and is chosen by the model code, not by configs.
+plain PyTorch expression computes (tests/test_fast_paths.py): eager attention (taken per model.attn_impl) and
+RMSNorm (taken by the RMSNorm module on CPUs).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ EAGER_MAX_LEN = 512
 ATTN_IMPLS = ("auto", "sdpa", "eager")
 
 
-def use_eager_attention(q: torch.Tensor, causal_from_start: bool) -> bool:
-    """attn_impl=auto: eager for low-precision causal attention on a CPU at short context, SDPA otherwise."""
+def use_eager_attention(impl: str, q: torch.Tensor, causal_from_start: bool) -> bool:
+    """Whether model.attn_impl takes the eager path for these queries: "eager" always, "sdpa" never, "auto" for
+    low-precision causal attention on a CPU at short context."""
+    if impl != "auto":
+        return impl == "eager"
     return (causal_from_start and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[-2] <= EAGER_MAX_LEN)
 

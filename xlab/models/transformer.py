@@ -146,8 +146,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # attend to every cached key as well as the new ones
             k, v = cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
-        if self.attn_impl == "eager" or (self.attn_impl == "auto" and use_eager_attention(q, cache is None
-                                                                                         and mask is None)):
+        if use_eager_attention(self.attn_impl, q, causal_from_start=cache is None and mask is None):
             y = eager_attention(q, k, v, mask, dropout)
         else:
             # SDPA picks the fastest kernel for the device and dtype; enable_gqa lets query head i read kv head
