@@ -4,7 +4,8 @@ One step = forward + loss + backward + fused AdamW update on random tokens, each
 training path `model(x, targets=y)` (fused chunked head + cross-entropy + accuracy, see xlab/models/loss.py), and
 transformers' `model(input_ids=x, labels=x).loss`. The peer is the transformers model that computes the same
 function with the same weights (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM; `xlab.models.hf`). Medians of
-the timed steps after warm-up, in eager mode and under torch.compile, fp32 and bf16 autocast.
+the timed steps after warm-up, the two models taking turns step by step; eager and under torch.compile, fp32 and
+bf16 autocast.
 
     # the performance issue's shape (6 x 384, 6 heads, ctx 256, batch 8, vocab 8192), GPT-2 and Llama, fp32 and
     # bf16, eager and compiled:
@@ -70,19 +71,23 @@ def make_step(model: torch.nn.Module, kind: str, x: torch.Tensor, dtype: torch.d
     return step
 
 
-def measure(step, steps: int, warmup: int) -> tuple[float, float]:
-    """(median step seconds, seconds of the first step, which includes compilation when compiled)."""
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        step()
-    times = []
-    for _ in range(steps):
+def measure(steps: list, n: int, warmup: int) -> list[tuple[float, float]]:
+    """(median step seconds, seconds of the first step — compilation included when compiled) of each step
+    closure. The closures take turns step by step, so drifts of a shared machine hit them alike."""
+    firsts = []
+    for step in steps:
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+        firsts.append(time.perf_counter() - start)
+        for _ in range(warmup - 1):
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(n):
+        for step, own in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            own.append(time.perf_counter() - start)
+    return [(statistics.median(own), first) for own, first in zip(times, firsts)]
 
 
 def profile(step, rows: int, label: str) -> None:
@@ -147,12 +152,12 @@ def main() -> None:
             for mode in args.modes:
                 wrap = torch.compile if mode == "compiled" else (lambda m: m)
                 ours_step = make_step(wrap(model), "plain" if args.plain_xlab else "xlab", x, dtype)
-                ours, ours_first = measure(ours_step, args.steps, args.warmup)
-                row = (f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {mode} | {tokens / ours:,.0f} |")
-                theirs_step = None
-                if peer is not None:
-                    theirs_step = make_step(wrap(peer), "hf", x, dtype)
-                    theirs, theirs_first = measure(theirs_step, args.steps, args.warmup)
+                theirs_step = make_step(wrap(peer), "hf", x, dtype) if peer is not None else None
+                timed = measure([s for s in (ours_step, theirs_step) if s is not None], args.steps, args.warmup)
+                ours, ours_first = timed[0]
+                row = f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {mode} | {tokens / ours:,.0f} |"
+                if theirs_step is not None:
+                    theirs, theirs_first = timed[1]
                     row += (f" {type(peer).__name__} | {tokens / theirs:,.0f} | **{theirs / ours:.2f}** |"
                             f" {ours_first:.1f} s / {theirs_first:.1f} s |")
                 else:
