@@ -13,6 +13,11 @@ bf16 autocast.
     python benchmarks/train_throughput.py --presets gpt2_small --set n_kv_head=null --steps 3 --warmup 1
     python benchmarks/train_throughput.py --profile 12 --modes eager --precision bf16   # + top ops of each step
     python benchmarks/train_throughput.py --plain-xlab --no-keep-freed-memory ...       # XLab before the speed-ups
+    python benchmarks/train_throughput.py --loop --precision fp32 bf16                  # Trainer step vs old loop
+
+`--loop` times the whole training step of `xlab.trainer.Trainer` (sampler, transfer, forward/backward, clipping,
+NaN guard, update, schedule, metric sums) against the loop body of commit 435677f (before the Trainer), taking turns
+step by step on one Trainer: same model, optimizer and data, so the ratio is the cost of the loop's own code.
 
 Like XLab's trainer, the script sets glibc to keep freed memory (xlab/runtime.py) unless told not to; that speeds
 up the peer as much, so it moves tok/s, not the ratios.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import platform
 import statistics
 import time
@@ -104,6 +110,58 @@ def profile(step, rows: int, label: str) -> None:
     print("```\n", flush=True)
 
 
+def legacy_loop_step(tr, sums: dict) -> None:
+    """The loop body of xlab/trainer.py at 435677f: NaN noted on the device, the update always applied."""
+    t = tr.t
+    step_loss = torch.zeros((), device=tr.device)
+    for _ in range(t.grad_accum_steps):
+        x, y = tr.sampler.next_batch()
+        x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
+        with tr.accelerator.accumulate(tr.model):
+            objective, loss_sum, correct = tr.model(x, targets=y)
+            tr.accelerator.backward(objective * (t.grad_accum_steps / tr.tokens_per_step))
+        sums["loss"] += loss_sum.detach()
+        sums["correct"] += correct
+        step_loss += objective.detach()
+    bad = ~torch.isfinite(step_loss)
+    sums["first_bad"] = torch.where(bad & (sums["first_bad"] < 0), torch.full_like(sums["first_bad"], 1),
+                                    sums["first_bad"])
+    if t.grad_clip > 0:
+        tr.accelerator.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+
+
+def loop_table(args) -> None:
+    """Trainer.train_step vs the old loop body on one Trainer (issue shape by default), per precision."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from xlab.config import TrainConfig
+    from xlab.trainer import Trainer
+
+    print("| precision | Trainer.train_step tok/s | 435677f loop tok/s | new/old |")
+    print("|---|---|---|---|")
+    for precision in args.precision:
+        cfg = OmegaConf.structured(TrainConfig)
+        cfg.model.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+        cfg.model.max_len = args.seq
+        cfg.tokenizer.vocab_size = args.vocab
+        cfg.logger.trackers = []
+        cfg.trainer.update(batch_size=args.batch, precision=precision, max_steps=10**6)
+        with tempfile.TemporaryDirectory() as run_dir:
+            tr = Trainer(cfg, run_dir)
+            sums = {k: torch.zeros((), dtype=torch.float64, device=tr.device) for k in ("loss", "correct")}
+            sums["first_bad"] = torch.full((), -1, dtype=torch.long, device=tr.device)
+            timed = measure([tr.train_step, functools.partial(legacy_loop_step, tr, sums)], args.steps, args.warmup)
+            tr.accelerator.end_training()
+        tokens = args.batch * args.seq
+        (new, _), (old, _) = timed
+        print(f"| {precision} | {tokens / new:,.0f} | {tokens / old:,.0f} | **{old / new:.3f}** |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["gpt2_tiny", "llama_tiny"], help="configs/model/<name>.yaml")
@@ -121,7 +179,10 @@ def main() -> None:
                     help="XLab as before the speed-ups: logits + F.cross_entropy, SDPA attention")
     ap.add_argument("--no-keep-freed-memory", action="store_true", help="leave glibc's malloc at its defaults")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    ap.add_argument("--loop", action="store_true", help="Trainer.train_step vs the 435677f loop body (see above)")
     args = ap.parse_args()
+    if args.loop:
+        return loop_table(args)
 
     kept = False if args.no_keep_freed_memory else keep_freed_memory()
     torch.manual_seed(0)

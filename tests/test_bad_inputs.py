@@ -45,7 +45,7 @@ TRAIN_CASES = [
     (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
     (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001 must be > 0"),
     (["trainer.batch_size=0"], "trainer.batch_size=0 must be >= 1"),
-    (["trainer.on_nan=ignore"], "trainer.on_nan='ignore'; valid: stop, skip"),
+    (["trainer.on_nan=ignore"], "trainer.on_nan=ignore Invalid value 'ignore', expected one of [stop, skip]"),
 ]
 
 

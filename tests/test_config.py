@@ -74,7 +74,7 @@ def test_registry_unknown_name_lists_valid_names():
         (["model.n_head=3"], "model.n_head=3 must divide model.d_model=256"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
         (["trainer.batch_size=0"], "trainer.batch_size=0 must be >= 1"),
-        (["trainer.strategy=zero3"], "trainer.strategy='zero3'; valid: ddp, fsdp"),
+        (["trainer.strategy=zero3"], "trainer.strategy=zero3 Invalid value 'zero3', expected one of [ddp, fsdp]"),
         (["trainer.strategy=fsdp"], "trainer.strategy=fsdp needs CUDA GPUs"),
     ],
 )

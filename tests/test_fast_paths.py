@@ -125,7 +125,7 @@ def test_auto_attention_is_eager_only_for_bf16_on_cpu_at_short_context(monkeypat
 
 
 def test_bad_attn_impl_is_refused():
-    with pytest.raises(XLabError, match=r"model.attn_impl='flash'; valid: auto, sdpa, eager"):
+    with pytest.raises(XLabError, match=r"model.attn_impl='flash' is not valid; valid: auto, sdpa, eager"):
         XLabModel(50, n_layer=1, n_head=2, d_model=16, attn_impl="flash")
 
 

@@ -131,7 +131,8 @@ def test_generate_from_the_predict_split(wiki_run: Path, tmp_path: Path):
     assert dm.tokenizer.decode(first).startswith(rows[0]["prompt"] + rows[0]["true_continuation"])
 
     bad = run_cli("generate", f"ckpt={ckpt}", "prompts_from=nope", check=False)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown split 'nope'; valid: train, val, test, predict"
+    expected = "Invalid value 'nope', expected one of [train, val, test, predict]"
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: Error merging override prompts_from=nope {expected}"
 
 
 def test_wiki_large_composes_with_the_sizes_of_the_issue():

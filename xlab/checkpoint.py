@@ -25,11 +25,10 @@ import torch
 from omegaconf import OmegaConf
 
 from xlab.errors import XLabError, check_writable_dir
+from xlab.fsio import publish_dir, publish_symlink
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from xlab.models import XLabModel
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -55,9 +54,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(resolve_checkpoint(path) / CONFIG))
 
 
-def _vocab_size(weights: Path) -> int:
+def model_vocab_size(path: str | Path) -> int:
+    """Rows of the token embedding stored in a checkpoint's weights (read from the header, no tensor loaded)."""
     from safetensors import SafetensorError, safe_open
 
+    weights = resolve_checkpoint(path) / WEIGHTS
     try:
         with safe_open(str(weights), framework="pt") as f:
             # Tied embeddings are stored once, under either name.
@@ -67,23 +68,18 @@ def _vocab_size(weights: Path) -> int:
         raise XLabError(f"cannot read weights {weights}: {exc}") from None
 
 
-def load_model(path: str | Path, map_location: str | torch.device | None = None) -> XLabModel:
-    """Rebuild the model from config.yaml and load model.safetensors into it."""
+def load_weights(model: torch.nn.Module, path: str | Path, device: str = "cpu") -> None:
+    """Load a checkpoint's model.safetensors into `model` (safetensors: no code runs), or a one-line error naming
+    the first tensor that does not fit."""
     from safetensors.torch import load_model as load_safetensors
 
-    from xlab.models import MODELS
-
     ckpt = resolve_checkpoint(path)
-    model_cfg = dict(load_config(ckpt)["model"])
-    model = MODELS.get(model_cfg["name"])(vocab_size=_vocab_size(ckpt / WEIGHTS), **model_cfg)
-    device = str(map_location) if map_location is not None else "cpu"
     try:
         load_safetensors(model, str(ckpt / WEIGHTS), device=device)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         reason = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, not the generic header
         raise XLabError(f"weights in {ckpt} do not fit the model in its config.yaml: {reason}") from None
-    return model.to(device)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -102,10 +98,76 @@ def save_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
-def register_accelerate_hooks(accelerator: Accelerator) -> None:
-    """Let Accelerate's save_state/load_state handle optimizer, scheduler, scaler and RNG states, while model weights
-    go through our own safetensors file of the unwrapped module (no DDP `module.` or compile `_orig_mod.` prefixes)."""
+# Model keys that do not change what the weights compute: training-only regularisation (dropout, z_loss), the
+# attention kernel (attn_impl) and initialisation-only keys. Resume accepts a change of these; any other model key
+# (shapes, positions, norms, logit_softcap, which changes the output function) makes the weights mean something else.
+RESUMABLE_MODEL_KEYS = frozenset({"dropout", "z_loss", "attn_impl", "init_std", "residual_init"})
 
+
+def check_resume_config(ckpt: Path, config: dict) -> None:
+    """Refuse to resume into a model whose weights would mean something else, naming each changed key. A key the
+    checkpoint's config lacks (written before the key existed) counts as its default, which is the old behaviour.
+    (Training settings such as max_steps, lr or eval cadence may change.)"""
+    from xlab.config import ModelConfig, to_container
+
+    saved = {**to_container(OmegaConf.structured(ModelConfig)), **load_config(ckpt)["model"]}
+    diffs = [f"model.{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in config["model"].items()
+             if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
+    if diffs:
+        raise XLabError(f"cannot resume from {ckpt}: the model config changed: {', '.join(diffs)}")
+
+
+class Checkpointer:
+    """Writes `<run>/checkpoints/step_NNNNNN/` atomically and keeps `last` on the newest complete one.
+
+    Collective: every rank calls save(). Accelerate's save_state writes optimizer, scheduler and RNG states; the
+    hooks below route the weights through our own safetensors file of the unwrapped model."""
+
+    def __init__(self, accelerator: Accelerator, root: Path, config: dict, tokenizer_path: Path,
+                 keep_last: int | None = None) -> None:
+        self.accelerator, self.root, self.config = accelerator, Path(root), config
+        self.tokenizer_path, self.keep_last = Path(tokenizer_path), keep_last
+
+    @staticmethod
+    def register_hooks(accelerator: Accelerator) -> None:
+        """Weights go through model.safetensors of the unwrapped module (no DDP `module.` or compile `_orig_mod.`
+        prefixes); Accelerate keeps optimizer, scheduler, scaler and RNG states."""
+        accelerator.register_save_state_pre_hook(_save_hook(accelerator))
+        accelerator.register_load_state_pre_hook(_load_hook(accelerator))
+
+    def save(self, state: dict, name: str | None = None) -> Path:
+        """Write step_<state["step"]> (or `name`: a debug checkpoint that leaves `last` alone) through a temporary
+        directory, then point `last` at it and keep only the newest keep_last. A kill at any moment leaves `last`
+        on a complete checkpoint."""
+        acc, step = self.accelerator, int(state["step"])
+        final = self.root / (name or f"step_{step:06d}")
+        tmp = self.root / f".tmp_{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
+            shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
+            (tmp / STATE).write_text(json.dumps(state, indent=2))
+        acc.wait_for_everyone()
+        _test_pause(step, tmp)
+        if acc.is_main_process:
+            publish_dir(tmp, final, replace=True)
+            if name is None:
+                publish_symlink(self.root / "last", final.name)  # atomic: `last` always names a complete checkpoint
+                self._drop_old()
+        acc.wait_for_everyone()
+        return final
+
+    def _drop_old(self) -> None:
+        if self.keep_last:
+            for old in sorted(self.root.glob("step_*"))[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_hook(accelerator: Accelerator):
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         from accelerate.utils import DistributedType
 
@@ -122,6 +184,10 @@ def register_accelerate_hooks(accelerator: Accelerator) -> None:
                 save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), Path(output_dir) / WEIGHTS)
         weights.clear()
 
+    return save_hook
+
+
+def _load_hook(accelerator: Accelerator):
     def load_hook(models: list, input_dir: str) -> None:
         from safetensors.torch import load_model as load_safetensors
 
@@ -131,65 +197,15 @@ def register_accelerate_hooks(accelerator: Accelerator) -> None:
             load_safetensors(unwrapped, str(Path(input_dir) / WEIGHTS), device=device)
         models.clear()
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    return load_hook
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def save_checkpoint(
-    accelerator: Accelerator, ckpt_root: Path, step: int, config: dict, tokenizer_path: Path, state: dict,
-    keep_last: int | None = None, name: str | None = None,
-) -> Path:
-    """Write step_NNNNNN/ through a temporary directory, then point `last` at it (and keep only the newest
-    keep_last). Collective: call on every rank. A kill at any moment leaves `last` on a complete checkpoint."""
-    final = ckpt_root / (name or f"step_{step:06d}")  # a named checkpoint (debug) leaves `last` alone
-    tmp = ckpt_root / f".tmp_{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / CONFIG).write_text(OmegaConf.to_yaml(config))
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=2))
-    accelerator.wait_for_everyone()
-    pause = os.environ.get("XLAB_TEST_SAVE_PAUSE", "")  # test hook "STEP:SECONDS": a window to kill a save in
+def _test_pause(step: int, tmp: Path) -> None:
+    """Test hook XLAB_TEST_SAVE_PAUSE="STEP:SECONDS": a window to kill a save in."""
+    pause = os.environ.get("XLAB_TEST_SAVE_PAUSE", "")
     if pause and int(pause.split(":")[0]) == step:
         print(f"pausing inside the save of {tmp}", flush=True)
         time.sleep(float(pause.split(":")[1]))
-    if accelerator.is_main_process:
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    if accelerator.is_main_process and name is None:
-        link = ckpt_root / "last"
-        tmp_link = ckpt_root / ".last.tmp"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(final.name)
-        os.replace(tmp_link, link)  # atomic: `last` always names a complete checkpoint
-        if keep_last:
-            for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def check_resume_config(ckpt: Path, config: dict) -> None:
-    """Refuse to resume into a different model: name every model key whose value changed. (Training settings such
-    as max_steps, lr or eval cadence may change.)"""
-    saved = load_config(ckpt)
-    diffs = [f"model.{k} (checkpoint {saved['model'].get(k)!r}, now {v!r})"
-             for k, v in config["model"].items() if saved["model"].get(k) != v]
-    if diffs:
-        raise XLabError(f"cannot resume from {ckpt}: the model config changed: {', '.join(diffs)}")
 
 
 def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# Commands over train.yaml (train, prepare) use every config group, so Hydra's own --help fits them. The others share
+# configs/ with training and would list its groups, so they print their own help (print_help).
+HYDRA_HELP_CONFIGS = {"train"}
+HELP_FLAGS = ("--help", "-h")
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -59,6 +63,38 @@ def prevalidate(config_name: str, validate: Callable[[Any], None]) -> None:
     validate(cfg)
 
 
+def _usage(config_name: str) -> list[str]:
+    """The leading comment lines of configs/<config_name>.yaml: each command's yaml opens with its usage examples."""
+    usage = []
+    for line in (Path(CONFIG_DIR) / f"{config_name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        usage.append(line.lstrip("#").strip())
+    return usage
+
+
+def print_help(config_name: str, overrides: list[str]) -> None:
+    """Print the command's usage, its own config groups and its composed config (with the overrides given), and
+    nothing of the training groups that share configs/. Composes in memory only: nothing is written."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    # The groups this config's defaults list picked (hydra/* are Hydra's own, see --hydra-help).
+    choices = {g: c for g, c in cfg.hydra.runtime.choices.items() if not g.startswith("hydra/")}
+    lines = ["usage:", *(f"  {u}" for u in _usage(config_name) or [f"python -m xlab.{config_name} key=value ..."])]
+    if choices:
+        lines += ["", "== Configuration groups ==", "Compose your configuration from those groups (group=option)", ""]
+        for group, choice in sorted(choices.items()):
+            options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+            lines.append(f"{group}: {', '.join(options)} (now: {choice})")
+    own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    lines += ["", "== Config ==", "Override anything in the config (foo.bar=value)", "", OmegaConf.to_yaml(own)]
+    lines.append("Use --hydra-help to view Hydra specific help")
+    print("\n".join(lines))
+
+
 def hydra_app(
     config_name: str, task: Callable[[Any], Any], validate: Callable[[Any], None] | None = None
 ) -> Callable[[], Any]:
@@ -92,6 +128,10 @@ def hydra_app(
     def main() -> Any:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions
         try:
+            args = sys.argv[1:]
+            if config_name not in HYDRA_HELP_CONFIGS and any(arg in HELP_FLAGS for arg in args):
+                print_help(config_name, [arg for arg in args if not arg.startswith("-")])
+                return None
             if validate is not None:
                 prevalidate(config_name, validate)
             return app()

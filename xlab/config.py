@@ -8,11 +8,11 @@ Each group's fields are documented next to the code that reads them (one hop fro
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
@@ -45,15 +45,114 @@ if not OmegaConf.has_resolver("xlab_cache_dir"):
     OmegaConf.register_new_resolver("xlab_launch_time", launch_time, use_cache=True)
 
 
-class Precision(str, Enum):
+class Choice(str, Enum):
+    """A closed choice of the schema: OmegaConf rejects any other value with the list of valid ones. Members are
+    str, so `cfg.x == "name"` and f-strings read like plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(Choice):
     auto = "auto"  # bf16 where the hardware runs it fast (recent GPUs, CPUs with AMX/AVX512-BF16), else fp32
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
+class NormPosition(Choice):
+    pre = "pre"  # x + f(norm(x)), a final norm before the head (GPT-2, Llama)
+    post = "post"  # norm(x + f(x)) (the original transformer)
+
+
+class AttnImpl(Choice):
+    auto = "auto"  # eager for bf16/fp16 on CPU up to 512 tokens, else sdpa (xlab/models/ops.py)
+    sdpa = "sdpa"
+    eager = "eager"  # matmul + softmax
+
+
+class ResidualInit(Choice):
+    scaled = "scaled"  # init_std / sqrt(2 * n_layer) (GPT-2)
+    zero = "zero"  # every block starts as the identity
+    plain = "plain"  # init_std
+
+
+class Normalization(Choice):
+    nfc = "nfc"
+    nfkc = "nfkc"
+    nfd = "nfd"
+    nfkd = "nfkd"
+
+
+class EarlyStopping(Choice):
+    """Beam search stopping, transformers' semantics."""
+
+    true = "true"  # stop when num_beams sequences are finished
+    false = "false"  # stop when no open beam can beat the finished ones (a heuristic)
+    never = "never"  # search until no open beam can, under the length penalty, ever beat them
+
+
+class Strategy(Choice):
+    ddp = "ddp"
+    fsdp = "fsdp"  # FSDP2 via Accelerate's plugin (CUDA GPUs)
+
+
+class OnNan(Choice):
+    stop = "stop"  # stop before the bad update, save the last good weights as nan_step_N, fail naming the step
+    skip = "skip"  # drop the update, count it (skipped_steps)
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Split(Choice):
+    train = "train"
+    val = "val"
+    test = "test"
+    predict = "predict"
+
+
+class OutputFormat(Choice):
+    text = "text"
+    jsonl = "jsonl"  # one JSON object per sequence: prompt, text, tokens (and score for beam search)
+
+
+class ExportFormat(Choice):
+    xlab = "xlab"  # model.safetensors + tokenizer.json + config.yaml
+    hf = "hf"  # a transformers model directory
+
+
+class Schema:
+    """Base of the config dataclasses: values given as strings from Python (not through OmegaConf, which checks
+    them itself) become their Choice, or fail with one line listing the valid ones."""
+
+    GROUPS = {"ModelConfig": "model.", "DataConfig": "data.", "TokenizerConfig": "tokenizer.",
+              "LoggerConfig": "logger.", "OptimizerConfig": "optimizer.", "SchedulerConfig": "scheduler.",
+              "TrainerConfig": "trainer.", "SamplerConfig": "sampler."}
+
+    def __post_init__(self) -> None:
+        from xlab.errors import XLabError
+
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            choice = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
+                           if isinstance(t, type) and issubclass(t, Choice)), None)
+            value = getattr(self, f.name)
+            if choice is None or value is None or isinstance(value, choice):
+                continue
+            try:
+                setattr(self, f.name, choice(value))
+            except ValueError:
+                valid = ", ".join(c.value for c in choice)
+                key = self.GROUPS.get(type(self).__name__, "") + f.name
+                raise XLabError(f"{key}={value!r} is not valid; valid: {valid}") from None
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Schema):
     """Decoder-only transformer; see xlab/models/transformer.py. Parts are picked by registry name."""
 
     name: str = "transformer"
@@ -66,7 +165,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    norm_position: str = "pre"  # pre | post
+    norm_position: NormPosition = NormPosition.pre
     mlp: str = "gelu"  # gelu | swiglu | relu2
     d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (gelu, relu2), ~8/3*d_model (swiglu)
     qk_norm: bool = False  # normalise queries and keys per head before attention (and before RoPE)
@@ -76,12 +175,12 @@ class ModelConfig:
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     z_loss: float = 0.0  # coefficient of the mean squared log-partition term added to the training loss
     init_std: float = 0.02
-    residual_init: str = "scaled"  # output projections of residual branches: scaled | zero | plain
-    attn_impl: str = "auto"  # sdpa | eager (matmul + softmax) | auto: eager for bf16 on CPU up to 512 tokens, else sdpa
+    residual_init: ResidualInit = ResidualInit.scaled  # init of the residual branches' output projections
+    attn_impl: AttnImpl = AttnImpl.auto
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Schema):
     """A document source (xlab/data/) split by document into train/val/test/predict; see configs/data/*.yaml."""
 
     name: str = "pydocs"
@@ -101,13 +200,13 @@ class DataConfig:
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Schema):
     """A tokenizer trained on the train split; see xlab/tokenizer.py."""
 
     name: str = "bpe"  # bpe (byte-level) | unigram | wordpiece
     vocab_size: int = 4096
     min_frequency: int = 2  # bpe, wordpiece: merges seen fewer times are not learned
-    normalization: str | None = None  # None | nfc | nfkc | nfd | nfkd, applied before tokenizing
+    normalization: Normalization | None = None  # unicode normalisation before tokenizing
     lowercase: bool = False
     train_docs: int | None = 100_000  # train on this many documents sampled from the train split; None = all
     sos_token: str = "<|sos|>"
@@ -118,11 +217,11 @@ class TokenizerConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Schema):
     """See xlab/optimizers.py."""
 
     name: str = "adamw"  # adamw | muon | sgd
-    lr: float = 1e-3  # peak lr (for muon: of the Muon-updated hidden matrices)
+    lr: float = 3e-3  # peak lr (for muon: of the Muon-updated hidden matrices); tuned for the default run
     weight_decay: float = 0.1  # on matrices only; never on norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (also muon's AdamW part)
     eps: float = 1e-8
@@ -132,7 +231,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Schema):
     """See xlab/schedulers.py. Learning rate multiplier over optimizer steps."""
 
     name: str = "cosine"  # cosine | linear | constant | wsd
@@ -142,7 +241,7 @@ class SchedulerConfig:
 
 
 @dataclass
-class SamplerConfig:
+class SamplerConfig(Schema):
     """Decoding (configs/sampler/*.yaml; xlab/sampling.py). Temperature, top_k and top_p apply when sampling, in
     that order (transformers' order); repetition_penalty and min_new_tokens apply to every sampler."""
 
@@ -155,12 +254,14 @@ class SamplerConfig:
     stop: list[str] = field(default_factory=list)  # stop strings: the text is cut where one appears
     num_beams: int = 4  # beam
     length_penalty: float = 1.0  # beam: scores are sum(logprobs) / length ** length_penalty
-    early_stopping: str = "false"  # beam: true | false | never (transformers' semantics)
+    # beam: true | false | never (EarlyStopping). A str, not the Choice, because `true`/`false` on Hydra's command
+    # line are YAML booleans, which OmegaConf refuses for an Enum field; xlab/sampling.py converts it.
+    early_stopping: str = "false"
     num_return_sequences: int = 1  # beam: best sequences returned per prompt (<= num_beams)
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Schema):
     """See xlab/trainer.py."""
 
     max_steps: int = 900
@@ -173,14 +274,14 @@ class TrainerConfig:
     ckpt_every: int = 600
     log_every: int = 25
     compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2 via Accelerate's plugin; CUDA GPUs only)
+    strategy: Strategy = Strategy.ddp
     keep_last: int | None = None  # keep only the newest K step_* checkpoints; None = keep all
     keep_freed_memory: bool = True  # glibc keeps freed memory for reuse: ~20% faster CPU steps (xlab/runtime.py)
-    on_nan: str = "stop"  # stop: save a debug checkpoint and fail, naming the step; skip: drop the update, count it
+    on_nan: OnNan = OnNan.stop
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig(Schema):
     """Experiment trackers besides metrics.jsonl (always written); see xlab/loggers.py. The other keys are W&B's."""
 
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
@@ -189,16 +290,16 @@ class LoggerConfig:
     group: str | None = None  # None = the sweep dir (<date>/<time>) for the jobs of a -m sweep, no group otherwise
     tags: list[str] = field(default_factory=list)
     name: str | None = None  # display name; None = the run dir's last two parts (<date>/<time>, <time>/<job num>)
-    mode: str | None = None  # online | offline | disabled; None = $WANDB_MODE, else online iff credentials exist
+    mode: WandbMode | None = None  # None = $WANDB_MODE, else online iff credentials exist
 
 
 @dataclass
-class PathsConfig:
+class PathsConfig(Schema):
     cache_dir: str = "${xlab_cache_dir:}"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Schema):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -213,9 +314,9 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Schema):
     ckpt: str = MISSING
-    split: str = "val"
+    split: Split = Split.val
     batch_size: int = 8
     max_batches: int | None = None  # None = the whole split
     precision: Precision = Precision.auto
@@ -224,7 +325,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Schema):
     ckpt: str = MISSING
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     prompt: str | None = None  # one prompt (sos is prepended)
@@ -233,10 +334,10 @@ class GenerateConfig:
     max_new_tokens: int = 50
     temperature: float | None = None  # shortcut for sampler.temperature
     seed: int | None = 0
-    output: str = "text"  # text | jsonl
+    output: OutputFormat = OutputFormat.text
     batch_size: int = 8  # prompts decoded together
     device: str = "auto"
-    prompts_from: str | None = None  # a split (predict): prompt with the first prompt_tokens of its documents
+    prompts_from: Split | None = None  # a split (predict): prompt with the first prompt_tokens of its documents
     num_prompts: int = 8
     prompt_tokens: int = 32
     out: str | None = None  # prompts_from output prefix; None = <checkpoint dir>/samples_<split>.{jsonl,md}
@@ -244,13 +345,15 @@ class GenerateConfig:
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Schema):
     ckpt: str = MISSING
     out: str | None = None  # None = <checkpoint dir>-export (xlab) or <checkpoint dir>-hf (hf)
-    format: str = "xlab"  # xlab: safetensors + tokenizer.json + config.yaml; hf: a transformers model directory
+    format: ExportFormat = ExportFormat.xlab
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore  # here, so that importing the model does not import Hydra
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)

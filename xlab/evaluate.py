@@ -23,8 +23,9 @@ def task(cfg: DictConfig) -> dict:
     from xlab.checkpoint import resolve_checkpoint
     from xlab.datamodules import XLabDataModule
     from xlab.errors import XLabError
+    from xlab.evaluation import evaluate
     from xlab.models import XLabModel
-    from xlab.trainer import autocast_for, evaluate, resolve_precision
+    from xlab.precision import autocast_for, resolve_precision
 
     if cfg.batch_size < 1:
         raise XLabError(f"batch_size={cfg.batch_size} must be >= 1")

@@ -13,17 +13,15 @@ from xlab.cli import hydra_app
 
 def task(cfg: DictConfig) -> str:
     from xlab.checkpoint import export_checkpoint, resolve_checkpoint
-    from xlab.errors import XLabError
+    from xlab.config import ExportFormat
 
     ckpt = resolve_checkpoint(cfg.ckpt)
-    if cfg.format == "xlab":
-        out = export_checkpoint(ckpt, cfg.out or f"{ckpt}-export")
-    elif cfg.format == "hf":
+    if cfg.format is ExportFormat.hf:
         from xlab.models.hf import export_hf
 
         out = export_hf(ckpt, cfg.out or f"{ckpt}-hf")
     else:
-        raise XLabError(f"format={cfg.format!r}; valid: xlab, hf")
+        out = export_checkpoint(ckpt, cfg.out or f"{ckpt}-export")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {ckpt} -> {out} ({size / 1e6:.2f} MB)")
     return str(out)

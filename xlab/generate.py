@@ -65,8 +65,6 @@ def task(cfg: DictConfig) -> list:
     for key in ("num_samples", "batch_size"):
         if getattr(cfg, key) < 1:
             raise XLabError(f"{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.output not in ("text", "jsonl"):
-        raise XLabError(f"output={cfg.output!r}; valid: text, jsonl")
     if cfg.max_new_tokens < 0:
         raise XLabError(f"max_new_tokens={cfg.max_new_tokens} must be >= 0")
     if cfg.prompts_from is not None:

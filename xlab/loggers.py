@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from xlab.config import WandbMode
 from xlab.errors import XLabError
 from xlab.registry import Registry
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 TRACKERS: Registry[Callable[[Path], Any]] = Registry("logger")
 
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 @TRACKERS.register("tensorboard")
@@ -96,9 +96,10 @@ def wandb_has_credentials() -> bool:
 def wandb_mode(logger_cfg: Any) -> str:
     """logger.mode, else $WANDB_MODE, else online with credentials and offline without (never a login prompt)."""
     mode = logger_cfg.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
-    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's legacy spellings
-    if mode not in WANDB_MODES:
-        raise XLabError(f"W&B mode {mode!r} (logger.mode or WANDB_MODE); valid: {', '.join(WANDB_MODES)}")
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, str(mode))  # wandb's legacy spellings
+    if mode not in {m.value for m in WandbMode}:  # $WANDB_MODE: logger.mode itself is checked by the schema
+        valid = ", ".join(m.value for m in WandbMode)
+        raise XLabError(f"W&B mode {mode!r} (logger.mode or WANDB_MODE); valid: {valid}")
     if mode == "online" and not wandb_has_credentials():
         # wandb would ask for an API key on a terminal, or fail deep inside wandb.init without one
         raise XLabError("W&B mode is online but no API key is set: run `wandb login`, set WANDB_API_KEY, "

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from xlab.config import SamplerConfig
+from xlab.config import EarlyStopping, SamplerConfig
 from xlab.errors import XLabError
 from xlab.models.transformer import KVCache, XLabModel
 from xlab.registry import Registry
@@ -31,7 +32,8 @@ class Sequence:
 
 Decoder = Callable[..., list[Sequence]]
 SAMPLERS: Registry[Decoder] = Registry("sampler")
-EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+# EarlyStopping → the value transformers' generate takes
+EARLY_STOPPING = {EarlyStopping.true: True, EarlyStopping.false: False, EarlyStopping.never: "never"}
 
 
 def check_sampler_config(cfg: SamplerConfig) -> None:
@@ -46,7 +48,7 @@ def check_sampler_config(cfg: SamplerConfig) -> None:
         (not 1 <= cfg.num_return_sequences <= max(cfg.num_beams, 1) and cfg.name == "beam",
          f"sampler.num_return_sequences={cfg.num_return_sequences} must be in [1, num_beams={cfg.num_beams}]"),
         (str(cfg.early_stopping).lower() not in EARLY_STOPPING,
-         f"sampler.early_stopping={cfg.early_stopping!r}; valid: true, false, never"),
+         f"sampler.early_stopping={cfg.early_stopping!r}; valid: {', '.join(e.value for e in EarlyStopping)}"),
     ]
     for bad, message in problems:
         if bad:
@@ -170,6 +172,119 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
 
 
+class _Candidates(NamedTuple):
+    """The `keep` best one-token extensions of the running beams at one step, (B, keep, ...)."""
+
+    scores: torch.Tensor  # summed log-probabilities
+    src_beam: torch.Tensor  # the running beam each extends
+    seqs: torch.Tensor  # the running beam with the new token written at column `cur`
+    lengths: torch.Tensor  # generated lengths, the new token included
+    hits: torch.Tensor  # ended in eos or reached max_length
+
+
+@dataclass
+class _BeamSearch:
+    """Settings and state of one batch's beam search, tensors shaped (B, num_beams, ...) as in transformers'
+    vectorised _beam_search, whose steps the methods follow in order."""
+
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str  # True | False | "never"
+    prompt_len: int
+    max_length: int  # prompt plus max_new_tokens
+    eos: torch.Tensor
+    keep: int  # candidates per step: enough that num_beams of them do not end in eos
+    running: torch.Tensor  # open beams (B, nb, max_length)
+    running_scores: torch.Tensor  # their summed log-probabilities
+    running_len: torch.Tensor  # their generated lengths
+    sequences: torch.Tensor  # finished sequences (B, nb, max_length), best first
+    beam_scores: torch.Tensor  # their length-normalised scores
+    finished: torch.Tensor  # whether a slot of `sequences` holds a finished sequence
+    gen_len: torch.Tensor  # their generated lengths
+    improvable: torch.Tensor  # (B, 1): an open beam may still beat the finished ones
+
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, cfg: SamplerConfig, max_new_tokens: int, eos: list[int]) -> _BeamSearch:
+        nb = cfg.num_beams
+        b, prompt_len = input_ids.shape
+        max_length = prompt_len + max_new_tokens
+        device = input_ids.device
+        running = input_ids.new_full((b, nb, max_length), eos[0] if eos else 0)
+        running[:, :, :prompt_len] = input_ids[:, None]
+        running_scores = torch.zeros(b, nb, device=device)
+        running_scores[:, 1:] = -1e9  # all beams start identical: only the first one may expand at step one
+        return cls(
+            num_beams=nb, length_penalty=cfg.length_penalty,
+            early_stopping=EARLY_STOPPING[str(cfg.early_stopping).lower()],
+            prompt_len=prompt_len, max_length=max_length, eos=torch.tensor(eos, device=device),
+            keep=max(2, 1 + len(eos)) * nb,
+            running=running, running_scores=running_scores,
+            running_len=torch.zeros(b, nb, dtype=torch.long, device=device),
+            sequences=running.clone(), beam_scores=torch.full((b, nb), -1e9, device=device),
+            finished=torch.zeros(b, nb, dtype=torch.bool, device=device),
+            gen_len=torch.zeros(b, nb, dtype=torch.long, device=device),
+            improvable=torch.ones(b, 1, dtype=torch.bool, device=device),
+        )
+
+    def candidates(self, log_probs: torch.Tensor, cur: int) -> _Candidates:
+        """The best `keep` extensions of the running beams, given next-token log_probs (B * nb, V)."""
+        b, nb = self.running.shape[:2]
+        vocab = log_probs.shape[-1]
+        acc = (log_probs.view(b, nb, vocab) + self.running_scores[:, :, None]).view(b, nb * vocab)
+        scores, idx = torch.topk(acc, self.keep)
+        src_beam = idx // vocab
+        seqs = _gather(self.running, src_beam)
+        seqs[:, :, cur] = idx % vocab
+        lengths = _gather(self.running_len, src_beam) + 1
+        hits = torch.isin(seqs[:, :, cur], self.eos) | (cur + 1 >= self.max_length)
+        return _Candidates(scores, src_beam, seqs, lengths, hits)
+
+    def select_running(self, c: _Candidates) -> torch.Tensor:
+        """Keep the best num_beams candidates that did not stop running; returns the flat (B * nb) indices of
+        their source beams, to reorder the KV cache by."""
+        b, nb = self.running.shape[:2]
+        run_scores = c.scores + c.hits.float() * -1e9
+        nxt = torch.topk(run_scores, nb)[1]
+        self.running, self.running_scores = _gather(c.seqs, nxt), _gather(run_scores, nxt)
+        self.running_len = _gather(c.lengths, nxt)
+        return (_gather(c.src_beam, nxt) + torch.arange(b, device=nxt.device)[:, None] * nb).view(-1)
+
+    def merge_finished(self, c: _Candidates, cur: int) -> None:
+        """Candidates among the top num_beams that stopped join the finished ones if they score better."""
+        top_nb = torch.arange(self.keep, device=c.scores.device) < self.num_beams
+        just_finished = c.hits & top_nb[None]
+        fin_scores = c.scores / ((cur + 1 - self.prompt_len) ** self.length_penalty)
+        # early_stopping=True: a batch row with num_beams finished sequences takes no more
+        full = self.finished.all(-1, keepdim=True) & (self.early_stopping is True)
+        fin_scores = fin_scores + full.float() * -1e9 + (~self.improvable).float() * -1e9 + (~just_finished) * -1e9
+        merged = torch.topk(torch.cat([self.beam_scores, fin_scores], 1), self.num_beams)[1]
+        self.sequences = _gather(torch.cat([self.sequences, c.seqs], 1), merged)
+        self.beam_scores = _gather(torch.cat([self.beam_scores, fin_scores], 1), merged)
+        self.finished = _gather(torch.cat([self.finished, just_finished], 1), merged)
+        self.gen_len = _gather(torch.cat([self.gen_len, c.lengths], 1), merged)
+
+    def should_stop(self, cur: int, hits: torch.Tensor) -> bool:
+        """Update which rows can still improve, now that `cur` columns are filled; True when the search is over."""
+        lp = self.length_penalty
+        # "never" with a positive length penalty: judge the best beam at the longest length it could reach
+        best_len = (self.max_length if self.early_stopping == "never" and lp > 0 else cur) - self.prompt_len
+        best_running = self.running_scores[:, :1] / (best_len ** lp)
+        worst_finished = torch.where(self.finished, self.beam_scores.min(1, keepdim=True)[0], -1e9)
+        self.improvable = self.improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        open_beams = not (bool(self.finished.all()) and self.early_stopping is True)
+        return not (bool(self.improvable.any()) and open_beams and not bool(hits.all()))
+
+    def results(self, num_return_sequences: int) -> list[Sequence]:
+        """The best num_return_sequences finished sequences of each row, generated tokens only."""
+        out = []
+        for row in range(self.sequences.shape[0]):
+            for k in range(num_return_sequences):
+                n = int(self.gen_len[row, k])
+                tokens = self.sequences[row, k, self.prompt_len:self.prompt_len + n].tolist()
+                out.append(Sequence(row, tokens, float(self.beam_scores[row, k])))
+        return out
+
+
 @torch.no_grad()
 def beam_search(
     model: XLabModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplerConfig,
@@ -177,78 +292,23 @@ def beam_search(
 ) -> list[Sequence]:
     """Beam search with length_penalty, early_stopping (True | False | "never") and num_return_sequences,
     following transformers' GenerationMixin._beam_search step for step, so results match theirs."""
-    early_stopping = EARLY_STOPPING[str(cfg.early_stopping).lower()]
-    nb, lp = cfg.num_beams, cfg.length_penalty
+    search = _BeamSearch.start(input_ids, cfg, max_new_tokens, eos)
     b, prompt_len = input_ids.shape
-    max_length = prompt_len + max_new_tokens
-    device = input_ids.device
-    keep = max(2, 1 + len(eos)) * nb  # candidates per step: enough that nb of them do not end in eos
-    top_nb = torch.arange(keep, device=device) < nb
-    eos_t = torch.tensor(eos, device=device)
-
-    running = input_ids.new_full((b, nb, max_length), eos[0] if eos else 0)
-    running[:, :, :prompt_len] = input_ids[:, None]
-    sequences = running.clone()
-    running_scores = torch.zeros(b, nb, device=device)
-    running_scores[:, 1:] = -1e9  # all beams start identical: only the first one may expand at step one
-    beam_scores = torch.full((b, nb), -1e9, device=device)
-    finished = torch.zeros(b, nb, dtype=torch.bool, device=device)
-    improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
-    gen_len = torch.zeros(b, nb, dtype=torch.long, device=device)  # generated length of finished sequences
-    running_len = torch.zeros(b, nb, dtype=torch.long, device=device)
-
-    flat_mask = attention_mask.repeat_interleave(nb, dim=0)
+    flat_mask = attention_mask.repeat_interleave(cfg.num_beams, dim=0)
     step = Stepper(model, flat_mask)
-    cur = prompt_len
+    cur = prompt_len  # columns filled so far
     while True:
-        flat = running[:, :, :cur].reshape(b * nb, cur)
-        mask = torch.cat([flat_mask, flat_mask.new_ones(b * nb, cur - prompt_len)], dim=1)
+        flat = search.running[:, :, :cur].reshape(b * cfg.num_beams, cur)
+        mask = torch.cat([flat_mask, flat_mask.new_ones(flat.shape[0], cur - prompt_len)], dim=1)
         log_probs = F.log_softmax(step(flat, mask), dim=-1)
         log_probs = process(log_probs, flat, cur - prompt_len, cfg, eos, sampling=False)
-        vocab = log_probs.shape[-1]
-        acc = (log_probs.view(b, nb, vocab) + running_scores[:, :, None]).view(b, nb * vocab)
-        topk_scores, topk_idx = torch.topk(acc, keep)
-        src_beam = topk_idx // vocab
-        topk_seqs = _gather(running, src_beam)
-        topk_seqs[:, :, cur] = topk_idx % vocab
-        topk_len = _gather(running_len, src_beam) + 1
-        hits = torch.isin(topk_seqs[:, :, cur], eos_t) | (cur + 1 >= max_length)
-
-        # the best nb candidates that did not stop keep running
-        run_scores = topk_scores + hits.float() * -1e9
-        nxt = torch.topk(run_scores, nb)[1]
-        running, running_scores = _gather(topk_seqs, nxt), _gather(run_scores, nxt)
-        running_len = _gather(topk_len, nxt)
-        rows = (_gather(src_beam, nxt) + torch.arange(b, device=device)[:, None] * nb).view(-1)
-
-        # candidates among the top nb that stopped join the finished ones if they score better
-        just_finished = hits & top_nb[None]
-        fin_scores = topk_scores / ((cur + 1 - prompt_len) ** lp)
-        full = finished.all(-1, keepdim=True) & (early_stopping is True)
-        fin_scores = fin_scores + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just_finished) * -1e9
-        merged = torch.topk(torch.cat([beam_scores, fin_scores], 1), nb)[1]
-        sequences = _gather(torch.cat([sequences, topk_seqs], 1), merged)
-        beam_scores = _gather(torch.cat([beam_scores, fin_scores], 1), merged)
-        finished = _gather(torch.cat([finished, just_finished], 1), merged)
-        gen_len = _gather(torch.cat([gen_len, topk_len], 1), merged)
-
-        step.reorder(rows)
+        candidates = search.candidates(log_probs, cur)
+        step.reorder(search.select_running(candidates))
+        search.merge_finished(candidates, cur)
         cur += 1
-        best_len = (max_length if early_stopping == "never" and lp > 0 else cur) - prompt_len
-        best_running = running_scores[:, :1] / (best_len ** lp)
-        worst_finished = torch.where(finished, beam_scores.min(1, keepdim=True)[0], -1e9)
-        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
-        open_beams = not (bool(finished.all()) and early_stopping is True)
-        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
+        if search.should_stop(cur, candidates.hits):
             break
-
-    results = []
-    for row in range(b):
-        for k in range(cfg.num_return_sequences):
-            n = int(gen_len[row, k])
-            tokens = sequences[row, k, prompt_len:prompt_len + n].tolist()
-            results.append(Sequence(row, tokens, float(beam_scores[row, k])))
-    return results
+    return search.results(cfg.num_return_sequences)
 
 
 SAMPLERS.register("beam")(beam_search)

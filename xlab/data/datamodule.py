@@ -2,10 +2,11 @@
 
 A split's tokens are one stream over its shard files (xlab/data/shards.py: memmaps with cumulative offsets), so
 windows read across shard boundaries like across document boundaries. Training draws random windows of max_len+1
-tokens from the train split. Micro-batch k is one global batch of batch_size x world_size windows drawn by a
-generator seeded with (seed, k); rank r takes rows r*batch_size to (r+1)*batch_size - 1. So ranks see different
-windows, the sampler's whole state is the number of batches drawn, and N processes with batch B read exactly the
-data of one process with batch N*B (runs compare, and resume, across process counts). Evaluation reads fixed,
+tokens from the train split. Optimizer step k reads one global batch of batch_size x world_size x grad_accum_steps
+windows, drawn by a generator seeded with (seed, k); micro-batch m of rank r takes the batch_size rows from
+(m * world_size + r) * batch_size. So ranks see different windows, the sampler's whole state is the number of
+micro-batches drawn, and N processes x A accumulation steps with batch B read exactly the data of one process with
+batch N*A*B (runs compare, and resume, across process counts and accumulation settings). Evaluation reads fixed,
 non-overlapping windows from the start of a split, so every run scores the same tokens.
 """
 
@@ -35,7 +36,8 @@ class RandomWindows:
     """Batches of (inputs, targets), each a random window of the token stream shifted by one."""
 
     def __init__(
-        self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+        accum_steps: int = 1,
     ) -> None:
         tokens = as_shards(tokens)
         if len(tokens) < seq_len + 1:
@@ -45,14 +47,17 @@ class RandomWindows:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.batches_drawn = 0
         self._offsets = np.arange(seq_len + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.batches_drawn])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size * self.world_size)
-        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        step, micro = divmod(self.batches_drawn, self.accum_steps)
+        rng = np.random.default_rng([self.seed, step])
+        size = self.batch_size * self.world_size * self.accum_steps
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=size)
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        starts = starts[first : first + self.batch_size]
         self.batches_drawn += 1
         window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return window[:, :-1], window[:, 1:]
@@ -116,9 +121,9 @@ class XLabDataModule:
         return TokenShards.open(self.prepare().tokens_dir, split)
 
     def train_windows(
-        self, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, accum_steps: int = 1
     ) -> RandomWindows:
-        return RandomWindows(self.tokens("train"), seq_len, batch_size, seed, rank, world_size)
+        return RandomWindows(self.tokens("train"), seq_len, batch_size, seed, rank, world_size, accum_steps)
 
     def eval_windows(
         self, split: str, seq_len: int, batch_size: int, max_batches: int | None = None

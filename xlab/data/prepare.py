@@ -8,9 +8,10 @@ The source is read in up to three streaming passes, so memory does not grow with
   1. ids only: a seeded hash per id gives each document's split (xlab/data/sources.py) and the tokenizer's sample;
   2. (tokenizer missing) the texts of the sample, streamed into the tokenizer trainer;
   3. every text, tokenized in worker processes (xlab/data/encode.py) and appended to its split's shards.
-A finished entry is renamed into place, so an interrupted build never leaves an entry that looks complete. Pass 3
-writes into `tokens/.<key>.partial/` and records its progress there (documents done, shard lengths) after syncing
-the files, so a rerun after a crash or kill continues from the last record and yields the same shards.
+A finished entry is synced and renamed into place (xlab/fsio.py), so an interrupted build never leaves an entry
+that looks complete. Pass 3 writes into `tokens/.<key>.partial/` and records its progress there (documents done,
+shard lengths) after syncing the files, so a rerun after a crash or kill continues from the last record and yields
+the same shards.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from xlab.data.sources import (
     split_thresholds,
 )
 from xlab.errors import XLabError
+from xlab.fsio import publish_dir, publish_file
 from xlab.tokenizer import XLabTokenizer, check_tokenizer_config, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,6 @@ PROGRESS = "progress.json"
 class Prepared:
     tokenizer_path: Path
     tokens_dir: Path
-    built_tokenizer: bool
-    built_tokens: bool
 
 
 @dataclass
@@ -131,34 +131,12 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: dict) -> None:
     """Atomic: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Atomically move a finished temporary directory into place (first writer wins)."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process published it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_file(tmp, path)
 
 
 def _tmp_dir(final: Path) -> Path:
@@ -187,6 +165,41 @@ def _files_match(partial: Path, progress: dict, itemsize: int) -> bool:
     return True
 
 
+def _load_progress(partial: Path, settings: dict, itemsize: int) -> dict:
+    """The progress record of an unfinished pass 3 with the same settings and intact files, or a fresh one (in an
+    emptied `partial`)."""
+    if (partial / PROGRESS).exists():
+        progress = json.loads((partial / PROGRESS).read_text())
+        if progress["settings"] == settings and _files_match(partial, progress, itemsize):
+            return progress
+        log.warning("discarding the unfinished token files in %s (other settings or damaged)", partial)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return {"settings": settings, "documents_done": 0, "writers": {}}
+
+
+def _tasks(source: Source, data: DataConfig, plan: Plan, done: int, sizes: deque) -> Iterator[list[list[str]]]:
+    """The texts of each batch from document `done` on, grouped by split; (documents, text bytes) go to `sizes`."""
+    import pyarrow.compute as pc
+
+    pos = done
+    for table in document_batches(source.load(data, False), data.max_documents, skip=done):
+        texts = document_texts(table)
+        n = table.num_rows
+        if pos + n > plan.documents:
+            raise XLabError(f"data={data.name} changed while it was being prepared (more documents than before)")
+        assign = plan.assign[pos : pos + n]
+        pos += n
+        sizes.append((n, int(pc.sum(pc.binary_length(texts)).as_py() or 0)))
+        texts = texts.to_pylist()
+        yield [[t for t, a in zip(texts, assign) if a == i] for i in range(len(SPLITS))]
+
+
+def _split_meta(shards: list[dict]) -> dict:
+    return {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards}
+
+
 def build_tokens(source: Source, data: DataConfig, plan: Plan, tok: XLabTokenizer, tokenizer_file: Path,
                  tokens_dir: Path) -> dict:
     """Pass 3 into `tokens/.<key>.partial/`, resuming from its progress record; publishes `tokens_dir`."""
@@ -194,18 +207,9 @@ def build_tokens(source: Source, data: DataConfig, plan: Plan, tok: XLabTokenize
     dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.uint32)
     settings = {"dtype": dtype.name, "shard_bytes": int(data.shard_size_mb * 2**20), "documents": plan.documents}
     if (partial / "meta.json").exists():  # finished, but killed before it was renamed into place
-        _publish(partial, tokens_dir)
+        publish_dir(partial, tokens_dir)
         return json.loads((tokens_dir / "meta.json").read_text())
-    progress = None
-    if (partial / PROGRESS).exists():
-        progress = json.loads((partial / PROGRESS).read_text())
-        if progress["settings"] != settings or not _files_match(partial, progress, dtype.itemsize):
-            log.warning("discarding the unfinished token files in %s (other settings or damaged)", partial)
-            progress = None
-    if progress is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        progress = {"settings": settings, "documents_done": 0, "writers": {}}
+    progress = _load_progress(partial, settings, dtype.itemsize)
     done = int(progress["documents_done"])
     if done:
         log.info("resuming token files %s at document %d of %d", tokens_dir.name, done, plan.documents)
@@ -213,21 +217,6 @@ def build_tokens(source: Source, data: DataConfig, plan: Plan, tok: XLabTokenize
                for name in SPLITS}
     num_proc = _num_proc(data, plan.documents)
     sizes: deque = deque()  # (documents, text bytes) of each task in flight, to pair with its result
-
-    def tasks() -> Iterator[list[list[str]]]:
-        import pyarrow.compute as pc
-
-        pos = done
-        for table in document_batches(source.load(data, False), data.max_documents, skip=done):
-            texts = document_texts(table)
-            n = table.num_rows
-            if pos + n > plan.documents:
-                raise XLabError(f"data={data.name} changed while it was being prepared (more documents than before)")
-            assign = plan.assign[pos : pos + n]
-            pos += n
-            sizes.append((n, int(pc.sum(pc.binary_length(texts)).as_py() or 0)))
-            texts = texts.to_pylist()
-            yield [[t for t, a in zip(texts, assign) if a == i] for i in range(len(SPLITS))]
 
     def commit() -> None:
         progress["writers"] = {name: w.sync() for name, w in writers.items()}
@@ -238,7 +227,7 @@ def build_tokens(source: Source, data: DataConfig, plan: Plan, tok: XLabTokenize
     log.info("tokenizing %d documents with %d process(es) into %s", plan.documents - done, num_proc, partial)
     with Encoder(tokenizer_file, tok.sos_id, tok.eos_id, dtype, num_proc) as encoder, \
             _bar(desc="tokenizing", unit=" doc", total=plan.documents, initial=done) as bar:
-        for result in encoder.imap(tasks()):
+        for result in encoder.imap(_tasks(source, data, plan, done, sizes)):
             n, nbytes = sizes.popleft()
             shards_before = sum(len(w.shards) for w in writers.values())
             for writer, (tokens, lengths) in zip(writers.values(), result):
@@ -257,16 +246,14 @@ def build_tokens(source: Source, data: DataConfig, plan: Plan, tok: XLabTokenize
                         f"{plan.documents} documents")
     meta: dict = {"format": 2, "dtype": dtype.name, "vocab_size": len(tok), "splits": {}}
     for name, writer in writers.items():
-        shards = writer.close()
-        meta["splits"][name] = {"documents": sum(s["documents"] for s in shards),
-                                "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        meta["splits"][name] = _split_meta(writer.close())
     elapsed, mb = time.perf_counter() - start, text_bytes / 1e6
     # MB per CPU-second is the per-core speed, whatever else runs on the machine
     log.info("tokenized %.1f MB of text in %.1f s (%.2f MB/s, %d process(es), %.2f MB per CPU-second)", mb, elapsed,
              mb / max(elapsed, 1e-9), num_proc, mb / max(cpu, 1e-9))
     _write_json(partial / "meta.json", meta)  # from here on the partial directory is complete
     (partial / PROGRESS).unlink(missing_ok=True)
-    _publish(partial, tokens_dir)
+    publish_dir(partial, tokens_dir)
     return meta
 
 
@@ -293,7 +280,6 @@ def prepare_data(
             plan = plan_splits(source, data, tokenizer.train_docs)
         return plan
 
-    built_tokenizer = False
     if tokenizer_file is None:
         tok_dir = cache / "tokenizers" / fingerprint(split_key, OmegaConf.to_container(OmegaConf.structured(tokenizer)))
         tokenizer_file = tok_dir / "tokenizer.json"
@@ -306,14 +292,12 @@ def prepare_data(
             trained = train_tokenizer(_sample_texts(source, data, p), tokenizer)
             tmp = _tmp_dir(tok_dir)
             trained.save(str(tmp / "tokenizer.json"))
-            _publish(tmp, tok_dir)
-            built_tokenizer = True
+            publish_dir(tmp, tok_dir)  # first writer wins
     tokenizer_file = Path(tokenizer_file)
     tok = XLabTokenizer.from_file(tokenizer_file, tokenizer)
 
     tok_hash = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()[:16]
     tokens_dir = cache / "tokens" / fingerprint(split_key, tok_hash)
-    built_tokens = False
     if (tokens_dir / "meta.json").exists():
         log.info("reusing cached token files %s", tokens_dir)
     else:
@@ -322,10 +306,9 @@ def prepare_data(
                 log.info("reusing cached token files %s", tokens_dir)
             else:
                 meta = build_tokens(source, data, get_plan(), tok, tokenizer_file, tokens_dir)
-                built_tokens = True
                 log.info("wrote token files %s: %s", tokens_dir,
                          {k: f"{v['tokens']} tokens in {len(v['shards'])} shard(s)" for k, v in meta["splits"].items()})
-    return Prepared(tokenizer_file, tokens_dir, built_tokenizer, built_tokens)
+    return Prepared(tokenizer_file, tokens_dir)
 
 
 __all__ = ["SPLITS", "Plan", "Prepared", "build_tokens", "plan_splits", "prepare_data"]

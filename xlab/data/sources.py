@@ -65,11 +65,6 @@ def hash_keys(ids: Sequence[str], seed: int) -> np.ndarray:
     )
 
 
-def hash_order(ids: Sequence[str], seed: int) -> np.ndarray:
-    """A permutation of range(len(ids)) that depends only on the set of ids and the seed."""
-    return np.argsort(hash_keys(ids, seed), kind="stable")
-
-
 def split_thresholds(keys: np.ndarray, fractions: Sequence[float]) -> np.ndarray:
     """The hash key at which each split after the first begins: the keys of the documents ranked at the cumulative
     fractions. With these, one document's split is known from its key alone (`assign_splits`), which lets a stream
@@ -93,10 +88,6 @@ def split_indices(ids: Sequence[str], fractions: Sequence[float], seed: int) -> 
     keys = hash_keys(ids, seed)
     assigned = assign_splits(keys, split_thresholds(keys, fractions))
     return {name: np.flatnonzero(assigned == i) for i, name in enumerate(SPLITS)}
-
-
-def split_dataset(ds: datasets.Dataset, fractions: Sequence[float], seed: int) -> dict[str, datasets.Dataset]:
-    return {name: ds.select(idx) for name, idx in split_indices(ds["id"], fractions, seed).items()}
 
 
 def fingerprint(*parts: object) -> str:

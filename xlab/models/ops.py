@@ -12,7 +12,6 @@ import torch.nn.functional as F
 # fp32 it is as fast or faster (benchmarks/attention.py). The eager path stores the (T x T) scores, so "auto" takes
 # it only up to this many tokens.
 EAGER_MAX_LEN = 512
-ATTN_IMPLS = ("auto", "sdpa", "eager")
 
 
 def use_eager_attention(impl: str, q: torch.Tensor, causal_from_start: bool) -> bool:

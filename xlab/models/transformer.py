@@ -20,13 +20,12 @@ from torch import nn
 from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.models.loss import LossSums, head_loss_sums
-from xlab.models.ops import ATTN_IMPLS, eager_attention, rms_norm, use_eager_attention
+from xlab.models.ops import eager_attention, rms_norm, use_eager_attention
 from xlab.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
 POS_EMBS: Registry[type[nn.Module]] = Registry("positional embedding")
 MLPS: Registry[type[nn.Module]] = Registry("mlp")
-RESIDUAL_INITS = ("scaled", "zero", "plain")
 
 
 # --- norms -------------------------------------------------------------------------------------------------------
@@ -275,12 +274,6 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise XLabError(f"model.pos_emb=rope needs an even head dim, got d_model/n_head={cfg.d_model // cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise XLabError(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    if cfg.norm_position not in ("pre", "post"):
-        raise XLabError(f"model.norm_position={cfg.norm_position!r}; valid: pre, post")
-    if cfg.attn_impl not in ATTN_IMPLS:
-        raise XLabError(f"model.attn_impl={cfg.attn_impl!r}; valid: {', '.join(ATTN_IMPLS)}")
-    if cfg.residual_init not in RESIDUAL_INITS:
-        raise XLabError(f"model.residual_init={cfg.residual_init!r}; valid: {', '.join(RESIDUAL_INITS)}")
     if cfg.logit_softcap is not None and cfg.logit_softcap <= 0:
         raise XLabError(f"model.logit_softcap={cfg.logit_softcap} must be > 0 (or null to disable)")
     if cfg.z_loss < 0 or cfg.init_std <= 0 or cfg.norm_eps <= 0 or (cfg.d_ff is not None and cfg.d_ff < 1):
@@ -402,6 +395,10 @@ class XLabModel(nn.Module):
     @classmethod
     def load_from_checkpoint(cls, path: str, map_location: str | torch.device | None = None) -> XLabModel:
         """Build the model from a checkpoint or export directory (config.yaml + model.safetensors)."""
-        from xlab.checkpoint import load_model
+        from xlab.checkpoint import load_config, load_weights, model_vocab_size, resolve_checkpoint
 
-        return load_model(path, map_location=map_location)
+        ckpt = resolve_checkpoint(path)
+        model = cls(vocab_size=model_vocab_size(ckpt), **load_config(ckpt)["model"])
+        device = str(map_location) if map_location is not None else "cpu"
+        load_weights(model, ckpt, device)
+        return model.to(device)

@@ -1,0 +1,93 @@
+"""Publishing files, directories and symlinks atomically and durably.
+
+A writer builds under a temporary name and renames it into place, so a reader sees the old state or the new one,
+never half of one. The rename itself survives a power cut only once the parent directory is fsynced too, so each
+helper syncs the new content, renames, then syncs the parent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from pathlib import Path
+
+# Answers of filesystems that cannot fsync a directory (some network and FUSE filesystems): nothing more can be done.
+_NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of directory `path` (creations, renames, deletions) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # Windows cannot open a directory as a file (and NTFS journals the rename itself); other errors, such as
+        # EIO, mean the rename may be lost and must not pass silently.
+        if os.name != "nt" and exc.errno not in _NO_DIR_FSYNC:
+            raise
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every regular file below directory `path` and every directory, `path` included (deepest first)."""
+    for root, _, files in os.walk(path, topdown=False):  # symlinks are neither followed nor synced
+        for name in files:
+            file = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(file).st_mode):
+                _fsync_file(file)
+        fsync_dir(root)
+
+
+def publish_file(tmp: str | Path, final: str | Path) -> None:
+    """Atomically replace file `final` with the finished file `tmp`, durably."""
+    _fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def publish_dir(tmp: str | Path, final: str | Path, replace: bool = False) -> bool:
+    """Rename the finished directory `tmp` to `final`, durably; True if `tmp` became `final`.
+
+    replace=False: the first writer wins; if `final` already exists, it is kept and `tmp` is removed (False).
+    replace=True: an existing `final` is removed first (not atomic: a crash in between leaves neither name).
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if replace and final.exists():
+        shutil.rmtree(final)
+    try:
+        os.replace(tmp, final)
+        published = True
+    except OSError:
+        if replace or not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process published it first; theirs is complete too
+        published = False
+    fsync_dir(final.parent)  # either way `final` is durable once this returns
+    return published
+
+
+def publish_symlink(link: str | Path, target_name: str) -> None:
+    """Point symlink `link` at `target_name` (relative to the link's directory) atomically, durably: a reader
+    always finds the old target or the new one."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crash between symlink and replace
+    tmp.symlink_to(target_name)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+__all__ = ["fsync_dir", "fsync_tree", "publish_dir", "publish_file", "publish_symlink"]

@@ -1,0 +1,105 @@
+"""The training loop's two policies: what a non-finite loss does (`trainer.on_nan`), and what a stop signal does.
+
+Both decide without a host sync on the step path: the NaN check runs on the device and the optimizer skips the
+update itself; the stop request is a flag set by a signal handler, voted on by the ranks where they sync anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import torch
+
+from xlab.config import OnNan
+
+log = logging.getLogger(__name__)
+
+
+def found_inf_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer behind `optimizer` when it can skip an update on the device: fused Adam/AdamW read a
+    `found_inf` tensor (GradScaler's mechanism) and, when it is non-zero, leave weights, moments and step count as
+    they were. None otherwise (other optimizers, or fp16 with a GradScaler, which sets found_inf itself)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
+    if getattr(optimizer, "scaler", None) is not None:
+        return None
+    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused"):
+        return inner
+    return None
+
+
+class NanGuard:
+    """A step whose loss (or gradient norm) is not finite applies no update.
+
+    skip: only that update is dropped, and counted. stop: once a step is bad every later update is dropped too, so
+    the weights stay those before the first bad step until the next log step, where the loop saves them and fails.
+    The check and the drop stay on the device; only an optimizer without found_inf needs a host sync per step (free
+    on a CPU, which runs synchronously anyway)."""
+
+    def __init__(self, policy: OnNan | str, optimizer: Any, device: torch.device, reduce=None) -> None:
+        self.policy = OnNan(policy)
+        self.optimizer = optimizer
+        self.reduce = reduce  # sum over ranks: every rank must drop the same updates
+        self.found_inf = found_inf_optimizer(optimizer)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first bad step number, or -1
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """Whether this update must be dropped (a bool tensor on the device)."""
+        bad = ~torch.isfinite(loss)
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm)
+        if self.reduce is not None:
+            bad = self.reduce(bad.float()) > 0
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
+                                     self.first_bad)
+        if self.policy is OnNan.stop:
+            bad = bad | (self.first_bad >= 0)  # frozen at the last good weights until the loop stops
+        return bad
+
+    def step(self, bad: torch.Tensor) -> None:
+        """optimizer.step(), unless `bad`."""
+        if self.found_inf is None:
+            if not bool(bad):
+                self.optimizer.step()
+            return
+        self.found_inf.found_inf = bad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.found_inf.found_inf
+
+    def bad_step(self) -> int:
+        """The first bad step so far, 0 if none (a host sync: call at log steps)."""
+        return max(0, int(self.first_bad))
+
+
+class StopRequest:
+    """SIGTERM (SLURM preemption, `kill`) or SIGINT (Ctrl-C) asks training to stop: the loop finishes its step,
+    evaluates and saves a checkpoint, and `resume=auto` continues from there. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop right away
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        return self.signal is not None

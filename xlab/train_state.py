@@ -1,0 +1,48 @@
+"""The training loop's counters as one object: what exact resume needs besides model, optimizer, scheduler and RNG
+states (which Accelerate saves). `state_dict()` is what a checkpoint's state.json holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Best:
+    """The evaluation with the lowest val loss so far."""
+
+    step: int
+    val_loss: float
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on, all ranks
+    skipped_steps: int = 0  # updates dropped by trainer.on_nan=skip
+    sampler: dict[str, Any] = field(default_factory=dict)  # the train sampler's position (RandomWindows.state_dict)
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker run ids, so a resumed W&B run continues
+    best: Best | None = None
+    rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save; equal on every rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
+                "sampler": self.sampler, "trackers": self.trackers, "rank_weight_checksums": self.rank_weight_checksums,
+                "best": None if self.best is None else {"step": self.best.step, "val_loss": self.best.val_loss}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also reads the state.json of checkpoints written before a key existed (its default is kept)."""
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.sampler = dict(state.get("sampler", {}))
+        self.trackers = dict(state.get("trackers") or {})
+        self.rank_weight_checksums = list(state.get("rank_weight_checksums", []))
+        best = state.get("best")
+        self.best = None if best is None else Best(int(best["step"]), float(best["val_loss"]))
+
+    def observe_val(self, val_loss: float) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        if self.best is None or val_loss < self.best.val_loss:
+            self.best = Best(self.step, val_loss)
+            return True
+        return False
