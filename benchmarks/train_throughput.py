@@ -142,6 +142,10 @@ def loop_table(args) -> None:
     from xlab.config import TrainConfig
     from xlab.trainer import Trainer
 
+    where = platform.processor() or platform.machine()
+    print(f"# {where}, {torch.get_num_threads()} threads, torch {torch.__version__}; model {' '.join(args.set)}, "
+          f"batch {args.batch} x seq {args.seq}, vocab {args.vocab} (pydocs), median of {args.steps} steps after "
+          f"{args.warmup}, taking turns")
     print("| precision | Trainer.train_step tok/s | 435677f loop tok/s | new/old |")
     print("|---|---|---|---|")
     for precision in args.precision:
@@ -157,6 +161,10 @@ def loop_table(args) -> None:
             sums["first_bad"] = torch.full((), -1, dtype=torch.long, device=tr.device)
             timed = measure([tr.train_step, functools.partial(legacy_loop_step, tr, sums)], args.steps, args.warmup)
             tr.accelerator.end_training()
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next precision needs a fresh Accelerator
+        GradientState._reset_state()
         tokens = args.batch * args.seq
         (new, _), (old, _) = timed
         print(f"| {precision} | {tokens / new:,.0f} | {tokens / old:,.0f} | **{old / new:.3f}** |", flush=True)

@@ -33,3 +33,10 @@ def test_train_throughput_against_transformers_prints_ratios():
 def test_attention_benchmark_prints_both_impls():
     out = run("attention.py", "--shapes", "2x2x16", "--head-dim", "8", "--dtype", "fp32", "--steps", "1")
     assert re.search(rf"\| 2x2x16 \| fp32 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|", out), out
+
+
+def test_train_loop_benchmark_compares_the_trainer_with_the_old_loop():
+    out = run("train_throughput.py", "--loop", "--set", "n_layer=1", "d_model=32", "n_head=2", "--vocab", "300",
+              "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--precision", "fp32", "bf16")
+    rows = re.findall(rf"\| (fp32|bf16) \| {NUMBER} \| {NUMBER} \| \*\*{NUMBER}\*\* \|", out)
+    assert rows == ["fp32", "bf16"], out

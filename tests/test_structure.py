@@ -90,3 +90,19 @@ def test_importing_the_model_does_not_import_hydra_or_heavy_libraries():
             "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_inference_commands_do_not_import_the_trainer():
+    mods = modules()
+    graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    for command in ("xlab.evaluate", "xlab.generate", "xlab.export", "xlab.inference"):
+        assert "xlab.trainer" not in reachable(graph, command), command

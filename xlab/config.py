@@ -102,6 +102,13 @@ class OnNan(Choice):
     skip = "skip"  # drop the update, count it (skipped_steps)
 
 
+class Tracker(Choice):
+    """Experiment trackers, as Accelerate names them (its own tracker classes do the work)."""
+
+    tensorboard = "tensorboard"  # <run>/tensorboard/
+    wandb = "wandb"  # <run>/wandb/ offline without credentials; see xlab/loggers.py
+
+
 class WandbMode(Choice):
     online = "online"
     offline = "offline"
@@ -134,21 +141,29 @@ class Schema:
               "TrainerConfig": "trainer.", "SamplerConfig": "sampler."}
 
     def __post_init__(self) -> None:
-        from xlab.errors import XLabError
-
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            choice = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
-                           if isinstance(t, type) and issubclass(t, Choice)), None)
+            hint = hints[f.name]
+            options = typing.get_args(hint) or (hint,)  # X | None and list[X] name X among their arguments
+            choice = next((t for t in options if isinstance(t, type) and issubclass(t, Choice)), None)
             value = getattr(self, f.name)
-            if choice is None or value is None or isinstance(value, choice):
+            if choice is None or value is None:
                 continue
-            try:
-                setattr(self, f.name, choice(value))
-            except ValueError:
-                valid = ", ".join(c.value for c in choice)
-                key = self.GROUPS.get(type(self).__name__, "") + f.name
-                raise XLabError(f"{key}={value!r} is not valid; valid: {valid}") from None
+            key = self.GROUPS.get(type(self).__name__, "") + f.name
+            if typing.get_origin(hint) is list:
+                setattr(self, f.name, [_choose(choice, v, key) for v in value])
+            else:
+                setattr(self, f.name, _choose(choice, value, key))
+
+
+def _choose(choice: type[Choice], value: Any, key: str) -> Choice:
+    from xlab.errors import XLabError
+
+    try:
+        return choice(value)
+    except ValueError:
+        valid = ", ".join(c.value for c in choice)
+        raise XLabError(f"{key}={value!r} is not valid; valid: {valid}") from None
 
 
 @dataclass
@@ -284,7 +299,7 @@ class TrainerConfig(Schema):
 class LoggerConfig(Schema):
     """Experiment trackers besides metrics.jsonl (always written); see xlab/loggers.py. The other keys are W&B's."""
 
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
+    trackers: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
     project: str = "xlab"
     entity: str | None = None  # W&B user or team; None = the API key's default entity
     group: str | None = None  # None = the sweep dir (<date>/<time>) for the jobs of a -m sweep, no group otherwise

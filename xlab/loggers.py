@@ -1,5 +1,5 @@
 """Where metrics go: `<run>/metrics.jsonl` always (rank 0), plus Accelerate trackers named in `logger.trackers`
-(configs/logger/*.yaml). TRACKERS maps a name to the tracker Accelerate should start.
+(configs/logger/*.yaml; the names are Accelerate's, a closed choice of the schema: Tracker in xlab/config.py).
 
 W&B (`logger=wandb`, `logger=all`): the trainer passes `tracker_init_kwargs(...)` to `accelerator.init_trackers`
 and stores `tracker_run_ids(accelerator)` in each checkpoint, so a resumed run appends to the same W&B run. Without
@@ -14,29 +14,13 @@ import logging
 import os
 import secrets
 import string
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from xlab.config import WandbMode
 from xlab.errors import XLabError
-from xlab.registry import Registry
 
 log = logging.getLogger(__name__)
-
-TRACKERS: Registry[Callable[[Path], Any]] = Registry("logger")
-
-
-
-@TRACKERS.register("tensorboard")
-def tensorboard(run_dir: Path) -> Any:
-    return "tensorboard"  # Accelerate's TensorBoardTracker, writing under <run>/tensorboard/
-
-
-@TRACKERS.register("wandb")
-def wandb_tracker(run_dir: Path) -> Any:
-    return "wandb"  # Accelerate's WandBTracker; its wandb.init arguments come from tracker_init_kwargs
-
 
 class MetricsFile:
     """Appends one JSON object per line; the format every plot and test reads."""
@@ -108,9 +92,7 @@ def wandb_mode(logger_cfg: Any) -> str:
 
 
 def check_logger_config(logger_cfg: Any) -> None:
-    """Unknown tracker names and W&B modes fail at start-up, before any data is prepared."""
-    for name in logger_cfg.trackers:
-        TRACKERS.get(name)
+    """W&B modes (also from $WANDB_MODE) fail at start-up, before any data is prepared."""
     if "wandb" in logger_cfg.trackers:
         wandb_mode(logger_cfg)
 

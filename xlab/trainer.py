@@ -33,7 +33,7 @@ from xlab.data.sources import check_data_config
 from xlab.errors import XLabError
 from xlab.evaluation import evaluate
 from xlab.guards import NanGuard, StopRequest
-from xlab.loggers import TRACKERS, MetricsFile, check_logger_config, flat_config, tracker_init_kwargs, tracker_run_ids
+from xlab.loggers import MetricsFile, check_logger_config, flat_config, tracker_init_kwargs, tracker_run_ids
 from xlab.metrics import mfu, peak_flops
 from xlab.models import MODELS
 from xlab.models.transformer import check_model_config
@@ -111,7 +111,7 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
     from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 
     t = cfg.trainer
-    trackers = [TRACKERS.get(name)(run_dir) for name in cfg.logger.trackers]
+    trackers = [str(name) for name in cfg.logger.trackers]  # Accelerate's tracker names
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # with no CUDA every rank must still join the process group on CPU
         mixed_precision=mixed_precision,
