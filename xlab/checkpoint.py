@@ -135,10 +135,10 @@ class Checkpointer:
         accelerator.register_save_state_pre_hook(_save_hook(accelerator))
         accelerator.register_load_state_pre_hook(_load_hook(accelerator))
 
-    def save(self, state: dict, name: str | None = None) -> Path:
+    def save(self, state: dict, name: str | None = None, best: bool = False) -> Path:
         """Write step_<state["step"]> (or `name`: a debug checkpoint that leaves `last` alone) through a temporary
-        directory, then point `last` at it and keep only the newest keep_last. A kill at any moment leaves `last`
-        on a complete checkpoint."""
+        directory, then point `last` (and, if `best`, `best`) at it and keep only the newest keep_last besides the
+        best. A kill at any moment leaves `last` and `best` on complete checkpoints."""
         acc, step = self.accelerator, int(state["step"])
         final = self.root / (name or f"step_{step:06d}")
         tmp = self.root / f".tmp_{final.name}"
@@ -157,14 +157,24 @@ class Checkpointer:
             publish_dir(tmp, final, replace=True)
             if name is None:
                 publish_symlink(self.root / "last", final.name)  # atomic: `last` always names a complete checkpoint
+                if best:
+                    publish_symlink(self.root / "best", final.name)
                 self._drop_old()
         acc.wait_for_everyone()
         return final
 
+    def mark_best(self, step: int) -> None:
+        """Point `best` at step_<step>, saved earlier at this step, atomically as `last` is."""
+        if self.accelerator.is_main_process:
+            publish_symlink(self.root / "best", f"step_{step:06d}")
+        self.accelerator.wait_for_everyone()
+
     def _drop_old(self) -> None:
         if self.keep_last:
+            best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None
             for old in sorted(self.root.glob("step_*"))[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.resolve() != best:  # keep_last keeps the best checkpoint too
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_hook(accelerator: Accelerator):

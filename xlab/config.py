@@ -293,6 +293,8 @@ class TrainerConfig(Schema):
     keep_last: int | None = None  # keep only the newest K step_* checkpoints; None = keep all
     keep_freed_memory: bool = True  # glibc keeps freed memory for reuse: ~20% faster CPU steps (xlab/runtime.py)
     on_nan: OnNan = OnNan.stop
+    save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
+    early_stop_patience: int | None = None  # stop after this many evaluations without a new best val loss
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`python -m xlab.evaluate ckpt=PATH split=val|test`: loss, accuracy, perplexity of a checkpoint on a split.
+"""`python -m xlab.evaluate ckpt=PATH split=val|test`: loss, bits per byte, accuracy, perplexity of a checkpoint on
+a split.
 
 Prints a small table and writes eval_<split>.json into the checkpoint directory.
 """
@@ -19,7 +20,12 @@ def pick_device(name: str):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
-def task(cfg: DictConfig) -> dict:
+def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: int | None = None,
+                     precision: str = "auto", device: str = "auto", cache_dir: str | None = None) -> dict:
+    """Evaluate a checkpoint on a split (every window, or max_batches batches) and write eval_<split>.json beside
+    its weights; the result dict."""
+    import torch
+
     from xlab.checkpoint import resolve_checkpoint
     from xlab.datamodules import XLabDataModule
     from xlab.errors import XLabError
@@ -27,22 +33,32 @@ def task(cfg: DictConfig) -> dict:
     from xlab.models import XLabModel
     from xlab.precision import autocast_for, resolve_precision
 
-    if cfg.batch_size < 1:
-        raise XLabError(f"batch_size={cfg.batch_size} must be >= 1")
+    if batch_size < 1:
+        raise XLabError(f"batch_size={batch_size} must be >= 1")
+    ckpt = resolve_checkpoint(ckpt)
+    dev = pick_device(device)
+    model = XLabModel.load_from_checkpoint(ckpt, map_location=dev)
+    datamodule = XLabDataModule.load_from_checkpoint(ckpt, cache_dir=cache_dir)
+    windows = datamodule.eval_windows(split, model.max_len, batch_size, max_batches)
+    byte_lengths = torch.as_tensor(datamodule.tokenizer.byte_lengths(), device=dev)
+    result = evaluate(model, windows, dev, autocast_for(dev, resolve_precision(precision)), byte_lengths=byte_lengths)
+    (ckpt / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def task(cfg: DictConfig) -> dict:
+    from xlab.checkpoint import resolve_checkpoint
+
     ckpt = resolve_checkpoint(cfg.ckpt)
-    device = pick_device(cfg.device)
-    model = XLabModel.load_from_checkpoint(ckpt, map_location=device)
-    datamodule = XLabDataModule.load_from_checkpoint(ckpt, cache_dir=cfg.paths.cache_dir)
-    windows = datamodule.eval_windows(cfg.split, model.max_len, cfg.batch_size, cfg.max_batches)
-    result = evaluate(model, windows, device, autocast_for(device, resolve_precision(cfg.precision)))
-    rows = [("loss", f"{result['loss']:.4f}"), ("accuracy (%)", f"{result['accuracy']:.2f}"),
-            ("perplexity", f"{result['perplexity']:.2f}"), ("tokens", f"{result['tokens']}")]
+    result = score_checkpoint(ckpt, str(cfg.split), cfg.batch_size, cfg.max_batches, str(cfg.precision), cfg.device,
+                              cfg.paths.cache_dir)
+    rows = [("loss", f"{result['loss']:.4f}"), ("bits per byte", f"{result['bits_per_byte']:.4f}"),
+            ("accuracy (%)", f"{result['accuracy']:.2f}"), ("perplexity", f"{result['perplexity']:.2f}"),
+            ("tokens", f"{result['tokens']}"), ("bytes", f"{result['bytes']}")]
     print(f"{cfg.split} split of {ckpt}")
     for name, value in rows:
         print(f"  {name:<13} {value:>12}")
-    out = Path(ckpt) / f"eval_{cfg.split}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {ckpt / f'eval_{cfg.split}.json'}")
     return result
 
 

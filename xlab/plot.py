@@ -1,9 +1,9 @@
 """`python -m xlab.plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of runs from their metrics.jsonl.
 
-One PNG: rows loss, accuracy, learning rate and tokens/s; columns against optimizer step and against tokens seen.
-Train curves are solid, evaluation curves dashed with markers; each run has one colour, named in the legend. A sweep
-dir stands for all of its jobs, labelled by the overrides that differ between them. The default output is
-`curves.png` in the sweep dir, or in the first run dir.
+One PNG: rows loss, bits per byte, accuracy, learning rate and tokens/s; columns against optimizer step and against
+tokens seen. Train curves are solid, evaluation curves dashed with markers; each run has one colour, named in the
+legend. A sweep dir stands for all of its jobs, labelled by the overrides that differ between them. The default
+output is `curves.png` in the sweep dir, or in the first run dir.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ METRICS = "metrics.jsonl"
 # (panel title, y label, [(metric key, style)]) per row; "train" lines are solid, "val" lines dashed
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("loss", "loss (nats/token)", [("train/loss", "train"), ("val/loss", "val")]),
+    ("bits per byte", "bits per byte (any tokenizer)", [("train/bpb", "train"), ("val/bpb", "val")]),
     ("accuracy", "next-token accuracy (%)", [("train/accuracy", "train"), ("val/accuracy", "val")]),
     ("learning rate", "lr", [("lr", "train")]),
     ("throughput", "tokens/s", [("tok_per_s", "train")]),
@@ -34,7 +35,7 @@ class Curves:
     records: list[dict[str, Any]]
 
 
-def _runs_in(path: Path) -> list[Path]:
+def runs_in(path: Path) -> list[Path]:
     """A run dir (or its metrics.jsonl) → [it]; a sweep dir, or any dir of run dirs (outputs/<date>/) → its runs in
     job order (xlab.sweep.find_jobs)."""
     if path.is_file() and path.name == METRICS:
@@ -51,7 +52,7 @@ def _runs_in(path: Path) -> list[Path]:
     return runs
 
 
-def _labels(paths: list[Path]) -> list[str]:
+def run_labels(paths: list[Path]) -> list[str]:
     """Each run's overrides that differ between the runs (a sweep's swept values); without any, its dir relative to
     the runs' common parent (a job number, a <date>/<time>)."""
     import os
@@ -76,9 +77,9 @@ def load_runs(inputs: list[Path]) -> list[Curves]:
 
     paths: list[Path] = []
     for path in inputs:
-        paths += [p for p in _runs_in(path) if p not in paths]
+        paths += [p for p in runs_in(path) if p not in paths]
     runs = []
-    for path, label in zip(paths, _labels(paths)):
+    for path, label in zip(paths, run_labels(paths)):
         records = read_metrics(path / METRICS)
         if not records:
             raise XLabError(f"{str(path / METRICS)!r} has no records yet")

@@ -2,7 +2,8 @@
 
 Training calls the same code (xlab/data/prepare.py) when the cache lacks them, so this is optional; it lets a big
 corpus be prepared on a CPU machine (or with all cores, before the GPUs are booked), and a killed preparation is
-continued by running it again. Prints the split sizes and the expected time per epoch of the configured run.
+continued by running it again. Prints the split sizes, the tokenizer's bytes per token on each split (what turns a
+per-token loss into bits per byte), and the expected time per epoch of the configured run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ log = logging.getLogger("xlab.prepare")
 def task(cfg: DictConfig) -> dict:
     from xlab.config import TrainConfig
     from xlab.data.datamodule import XLabDataModule
-    from xlab.data.estimate import epoch_estimate, model_flops_per_token
+    from xlab.data.estimate import bytes_per_token, epoch_estimate, model_flops_per_token
 
     typed: TrainConfig = OmegaConf.to_object(cfg)
     datamodule = XLabDataModule(typed.data, typed.tokenizer, typed.paths.cache_dir)
@@ -28,9 +29,12 @@ def task(cfg: DictConfig) -> dict:
     meta = json.loads((prepared.tokens_dir / "meta.json").read_text())
     log.info("tokenizer: %s (%d tokens)", prepared.tokenizer_path, len(datamodule.tokenizer))
     log.info("token files: %s (%s)", prepared.tokens_dir, meta["dtype"])
+    table = datamodule.tokenizer.byte_lengths()
     for name, split in meta["splits"].items():
         shards = len(split.get("shards", [None]))
-        log.info("  %-8s %10d documents %14d tokens in %d shard(s)", name, split["documents"], split["tokens"], shards)
+        per_token = bytes_per_token(datamodule.tokens(name), table)
+        log.info("  %-8s %10d documents %14d tokens in %d shard(s), %.3f bytes/token", name, split["documents"],
+                 split["tokens"], shards, per_token)
     t = typed.trainer
     flops, params = model_flops_per_token(typed.model, len(datamodule.tokenizer))
     log.info("model: %.1fM parameters", params / 1e6)

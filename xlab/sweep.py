@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
-RESULT_COLUMNS = ("step", "tokens", "val_loss", "val_accuracy", "tok_per_s")
+RESULT_COLUMNS = ("step", "tokens", "val_loss", "val_bpb", "val_accuracy", "tok_per_s")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class JobResult:
     step: int | None = None
     tokens: int | None = None
     val_loss: float | None = None  # the last evaluation of the run (what `xlab.train` returns to the sweeper)
+    val_bpb: float | None = None  # bits per byte of that evaluation: compares across tokenizers
     val_accuracy: float | None = None
     tok_per_s: float | None = None  # median over the run's train lines (the first interval includes warm-up)
 
@@ -67,6 +68,7 @@ def read_job(path: Path) -> JobResult:
         job.tokens = max(r["tokens"] for r in records)
     if val:
         job.val_loss, job.val_accuracy = val[-1]["val/loss"], val[-1]["val/accuracy"]
+        job.val_bpb = val[-1].get("val/bpb")  # runs from before bits per byte have none
     speeds = [r["tok_per_s"] for r in train if "tok_per_s" in r]
     if speeds:
         job.tok_per_s = statistics.median(speeds)
@@ -133,12 +135,13 @@ def write_summary(sweep_dir: Path, jobs: list[JobResult]) -> tuple[Path, Path]:
     lines = [f"# Sweep {sweep_dir}", "", f"{len(jobs)} jobs, {len(done)} with a final evaluation."]
     if common:
         lines += ["", "Common overrides: `" + " ".join(common) + "`"]
-    header = ["job", *varying, "val loss", "val acc (%)", "tok/s", "step", "dir"]
+    header = ["job", *varying, "val loss", "val bpb", "val acc (%)", "tok/s", "step", "dir"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for job in jobs:
         mark = " **best**" if job is best and len(done) > 1 else ""
         cells = [_fmt(job.num, 0), *(_short(job.overrides.get(k, "")) for k in varying),
-                 _fmt(job.val_loss, 4) + mark, _fmt(job.val_accuracy, 2), _fmt(job.tok_per_s, 0), _fmt(job.step, 0),
+                 _fmt(job.val_loss, 4) + mark, _fmt(job.val_bpb, 4), _fmt(job.val_accuracy, 2), _fmt(job.tok_per_s, 0),
+                 _fmt(job.step, 0),
                  str(job.path.relative_to(sweep_dir))]
         lines.append("| " + " | ".join(cells) + " |")
     if best is not None and len(done) > 1:

@@ -10,9 +10,11 @@ which is applied before tokenizing. A trained tokenizer is a `tokenizer.json` pl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from xlab.config import TokenizerConfig
@@ -131,6 +133,21 @@ def train_tokenizer(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     return TOKENIZERS.get(cfg.name)(texts, cfg)
 
 
+_BYTE_SYMBOLS = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's printable stand-ins, one per byte
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte tokens (pretrained Llama tokenizers)
+
+
+def piece_bytes(piece: str) -> int:
+    """Bytes of text one vocabulary piece decodes to: byte-level pieces (ours, GPT-2's) count their byte symbols
+    (WordPiece's continuation prefix is not one); SentencePiece pieces count `<0xNN>` as one byte and `▁` as a
+    space (pretrained tokenizers of init_from, best effort)."""
+    if all(c in _BYTE_SYMBOLS for c in piece.removeprefix(WORDPIECE_PREFIX)):
+        return len(piece.removeprefix(WORDPIECE_PREFIX))
+    if _BYTE_FALLBACK.fullmatch(piece):
+        return 1
+    return len(piece.replace("\u2581", " ").encode("utf-8"))
+
+
 class XLabTokenizer:
     """encode/decode plus the seed's lookups: `tok[tok.sos_token] -> id`, `len(tok)`."""
 
@@ -152,6 +169,17 @@ class XLabTokenizer:
         if hasattr(ids, "tolist"):  # a tensor or numpy array
             ids = ids.tolist()
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token id stands for (special tokens: 0), so a sequence's bytes are a table lookup and a
+        sum, and losses convert to bits per byte. Exact for XLab's byte-level tokenizers: their sum over a text's
+        tokens is its (normalised) UTF-8 length."""
+        table = np.zeros(len(self), dtype=np.int64)
+        specials = set(self.tokenizer.get_added_tokens_decoder())  # ids of added (special) tokens
+        for piece, idx in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            if idx not in specials:
+                table[idx] = piece_bytes(piece)
+        return table
 
     def __getitem__(self, token: str) -> int:
         idx = self.tokenizer.token_to_id(token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 from pathlib import Path
@@ -20,7 +21,13 @@ def task(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     val = train(cfg, run_dir)
     last = run_dir / "checkpoints" / "last"
-    log.info("final val loss %.4f, val accuracy %.2f%%", val["loss"], val["accuracy"])
+    log.info("final val loss %.4f, val bpb %.4f, val accuracy %.2f%%", val["loss"], val["bits_per_byte"],
+             val["accuracy"])
+    best = run_dir / "checkpoints" / "best"
+    if best.exists():
+        state = json.loads((best / "state.json").read_text())["best"]
+        log.info("best: step %d, val loss %.4f, val bpb %.4f: %s", state["step"], state["val_loss"],
+                 state["val_bpb"], best)
     log.info("checkpoint: %s", last)
     log.info('generate:   python -m xlab.generate ckpt=%s prompt="The "', shlex.quote(str(last)))
     return val["loss"]

@@ -3,7 +3,7 @@ states (which Accelerate saves). `state_dict()` is what a checkpoint's state.jso
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -13,6 +13,7 @@ class Best:
 
     step: int
     val_loss: float
+    val_bpb: float | None = None
 
 
 @dataclass
@@ -23,12 +24,13 @@ class TrainState:
     sampler: dict[str, Any] = field(default_factory=dict)  # the train sampler's position (RandomWindows.state_dict)
     trackers: dict[str, str] = field(default_factory=dict)  # tracker run ids, so a resumed W&B run continues
     best: Best | None = None
+    evals_since_best: int = 0  # evaluations since the best one (trainer.early_stop_patience)
     rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save; equal on every rank
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "sampler": self.sampler, "trackers": self.trackers, "rank_weight_checksums": self.rank_weight_checksums,
-                "best": None if self.best is None else {"step": self.best.step, "val_loss": self.best.val_loss}}
+                "best": None if self.best is None else asdict(self.best), "evals_since_best": self.evals_since_best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Also reads the state.json of checkpoints written before a key existed (its default is kept)."""
@@ -38,11 +40,14 @@ class TrainState:
         self.trackers = dict(state.get("trackers") or {})
         self.rank_weight_checksums = list(state.get("rank_weight_checksums", []))
         best = state.get("best")
-        self.best = None if best is None else Best(int(best["step"]), float(best["val_loss"]))
+        self.best = None if best is None else Best(**best)
+        self.evals_since_best = int(state.get("evals_since_best", 0))
 
-    def observe_val(self, val_loss: float) -> bool:
+    def observe_val(self, val_loss: float, val_bpb: float | None = None) -> bool:
         """Record an evaluation; True when it is the best so far."""
         if self.best is None or val_loss < self.best.val_loss:
-            self.best = Best(self.step, val_loss)
+            self.best = Best(self.step, val_loss, val_bpb)
+            self.evals_since_best = 0
             return True
+        self.evals_since_best += 1
         return False

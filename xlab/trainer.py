@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from xlab.checkpoint import Checkpointer, load_training_state, resolve_checkpoint
 from xlab.config import OnNan, Strategy, TrainConfig, to_container
 from xlab.data.datamodule import XLabDataModule
-from xlab.data.estimate import epoch_estimate
-from xlab.data.sources import check_data_config
+from xlab.data.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
+from xlab.data.sources import SPLITS, check_data_config
 from xlab.errors import XLabError
 from xlab.evaluation import evaluate
 from xlab.guards import NanGuard, StopRequest
@@ -70,6 +70,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise XLabError(f"trainer.keep_last={t.keep_last} must be >= 1 (or null to keep every checkpoint)")
     if t.grad_clip < 0:
         raise XLabError(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.early_stop_patience is not None and t.early_stop_patience < 1:
+        raise XLabError(f"trainer.early_stop_patience={t.early_stop_patience} must be >= 1 (or null: never stop early)")
 
 
 def resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
@@ -172,6 +174,11 @@ class Trainer:
                                                      self.accelerator.process_index, self.world,
                                                      self.t.grad_accum_steps)
         self.tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum_steps  # per process
+        table = self.datamodule.tokenizer.byte_lengths()
+        self.byte_lengths = torch.as_tensor(table, device=self.device)  # bytes per token id: bits per byte
+        if self.main:
+            log.info("tokenizer bytes per token: %s", ", ".join(
+                f"{split} {bytes_per_token(self.datamodule.tokens(split), table):.3f}" for split in SPLITS))
 
     def _build_model(self, init: Any) -> None:
         vocab = len(self.datamodule.tokenizer)
@@ -179,9 +186,11 @@ class Trainer:
         if self.main:
             log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
                      model.num_params() / 1e6, model.flops_per_token(), vocab, self.seq_len)
-            for line in epoch_estimate(model.flops_per_token(), len(self.datamodule.tokens("train")),
-                                       self.tokens_per_step * self.world, devices=self.world):
+            train_tokens = len(self.datamodule.tokens("train"))
+            for line in epoch_estimate(model.flops_per_token(), train_tokens, self.tokens_per_step * self.world,
+                                       devices=self.world):
                 log.info(line)
+            warn_many_epochs(self.t.max_steps, self.tokens_per_step * self.world, train_tokens)
         optimizer = OPTIMIZERS.get(self.cfg.optimizer.name)(model, self.cfg.optimizer)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.t.max_steps)
         Checkpointer.register_hooks(self.accelerator)
@@ -232,10 +241,16 @@ class Trainer:
                     resume_clock = self.metrics.pause()
                     if log_step or last_step:
                         self.log_interval(bar)
+                    improved = False
                     if step % t.eval_every == 0 or last_step:  # the final evaluation is a periodic one
-                        val = self.validate()
-                    if (step % t.ckpt_every == 0 or last_step) and self.saved_step != step:
-                        self.save()
+                        val, improved = self.validate()
+                        if self.should_stop_early():
+                            last_step = True
+                    best_due = improved and t.save_best
+                    if (step % t.ckpt_every == 0 or last_step or best_due) and self.saved_step != step:
+                        self.save(best=best_due)
+                    elif best_due:  # saved at this step already (resumed at the end)
+                        self.checkpointer.mark_best(step)
                     resume_clock()  # tok/s measures training, not logging, evaluation or saving
                     if last_step:
                         break
@@ -265,7 +280,7 @@ class Trainer:
             # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean over all
             # of its tokens rather than a mean of per-micro-batch means.
             self.accelerator.backward(objective * (self.t.grad_accum_steps / self.tokens_per_step))
-        self.metrics.add(loss_sum, correct)
+        self.metrics.add(loss_sum, correct, self.byte_lengths[y].sum())
         return objective.detach()
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -299,21 +314,36 @@ class Trainer:
             bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tok_per_s']:.0f}")
 
-    def validate(self) -> dict[str, float]:
-        """Val loss and accuracy on the same eval_batches global batches of windows, whatever the world size."""
+    def validate(self) -> tuple[dict[str, float], bool]:
+        """Val loss, bits per byte and accuracy on the same eval_batches global batches of windows, whatever the world
+        size; and whether this is the best val loss so far."""
         windows = self.datamodule.eval_windows("val", self.seq_len, self.t.batch_size, self.t.eval_batches * self.world)
         mine = itertools.islice(windows, self.accelerator.process_index, None, self.world)  # each rank its share
-        result = evaluate(self.model, mine, self.device, self.accelerator.autocast, self._sum_over_ranks)
-        self.state.observe_val(result["loss"])
+        result = evaluate(self.model, mine, self.device, self.accelerator.autocast, self._sum_over_ranks,
+                          self.byte_lengths)
+        improved = self.state.observe_val(result["loss"], result["bits_per_byte"])
         record = {"step": self.state.step, "tokens": self.state.tokens, "val/loss": result["loss"],
-                  "val/accuracy": result["accuracy"]}
+                  "val/bpb": result["bits_per_byte"], "val/accuracy": result["accuracy"]}
         self._write(record, {k: v for k, v in record.items() if "/" in k})
         if self.main:
-            log.info("step %d: val loss %.4f, val accuracy %.2f%%", self.state.step, result["loss"], result["accuracy"])
-        return result
+            log.info("step %d: val loss %.4f, val bpb %.4f, val accuracy %.2f%%%s", self.state.step, result["loss"],
+                     result["bits_per_byte"], result["accuracy"], " (best)" if improved else "")
+        return result, improved
 
-    def save(self, name: str | None = None, step: int | None = None) -> Path:
-        """A checkpoint of this step (or, named, a debug checkpoint that leaves `last` alone). Collective."""
+    def should_stop_early(self) -> bool:
+        """trainer.early_stop_patience evaluations in a row without a new best val loss end the run."""
+        patience = self.t.early_stop_patience
+        if patience is None or self.state.evals_since_best < patience:
+            return False
+        if self.main:
+            best = self.state.best
+            log.warning("early stop at step %d: %d evaluations without a better val loss than step %d's %.4f",
+                        self.state.step, patience, best.step, best.val_loss)
+        return True
+
+    def save(self, name: str | None = None, step: int | None = None, best: bool = False) -> Path:
+        """A checkpoint of this step (or, named, a debug checkpoint that leaves `last` alone; `best`: also point
+        checkpoints/best at it). Collective."""
         if name is None:
             self.check_nan()
         # A checksum of the weights of every rank: DDP keeps them identical, and a mismatch means a broken run.
@@ -325,7 +355,7 @@ class Trainer:
         self.state.sampler = self.sampler.state_dict()
         self.state.trackers = tracker_run_ids(self.accelerator)
         state = self.state.state_dict() if step is None else {**self.state.state_dict(), "step": step}
-        path = self.checkpointer.save(state, name)
+        path = self.checkpointer.save(state, name, best)
         if name is None:
             self.saved_step = self.state.step
         return path

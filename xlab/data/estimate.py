@@ -48,3 +48,38 @@ def epoch_estimate(flops_per_token: float, train_tokens: int, tokens_per_step: i
         ref = ", ".join(f"{k} {_hours(total / (device_peak(k)[1] * ASSUMED_MFU))}" for k in REFERENCE)
         lines.append(f"{name}: no peak FLOPs known for this device; at {ASSUMED_MFU:.0%} MFU on one GPU: {ref}")
     return lines
+
+
+# An epoch count past which a small corpus is mostly memorised: val loss typically bottoms out and rises after a few
+# epochs without regularisation (the recipe benchmark in BENCHMARKS.md), so the run is warned at start.
+MANY_EPOCHS = 4.0
+BYTES_SAMPLE = 50_000_000  # tokens read to measure bytes per token of a big split (the first ones)
+
+
+def warn_many_epochs(max_steps: int, tokens_per_step: int, train_tokens: int) -> float:
+    """Epochs the run will make over its train split (steps x tokens per step / train tokens); a warning naming the
+    numbers and the remedies when they are more than MANY_EPOCHS."""
+    epochs = max_steps * tokens_per_step / max(train_tokens, 1)
+    if epochs > MANY_EPOCHS:
+        import logging
+
+        logging.getLogger("xlab.trainer").warning(
+            "this run makes %.1f epochs over the train split (%d steps x %d tokens / %d train tokens): past ~%g the "
+            "model memorises it. Use fewer trainer.max_steps or a smaller model, more data, or "
+            "trainer.early_stop_patience; checkpoints/best keeps the lowest-val-loss weights", epochs, max_steps,
+            tokens_per_step, train_tokens, MANY_EPOCHS)
+    return epochs
+
+
+def bytes_per_token(tokens: Any, byte_lengths: Any) -> float:
+    """Mean UTF-8 bytes per token of a split (its first BYTES_SAMPLE tokens), by the tokenizer's byte table."""
+    import numpy as np
+
+    counts, seen = np.zeros(len(byte_lengths), dtype=np.int64), 0
+    for shard in getattr(tokens, "arrays", [tokens]):  # TokenShards: its memmaps, read in place
+        part = np.asarray(shard[: BYTES_SAMPLE - seen])
+        counts += np.bincount(part, minlength=len(byte_lengths))
+        seen += len(part)
+        if seen >= BYTES_SAMPLE:
+            break
+    return float(counts @ byte_lengths) / seen if seen else float("nan")
