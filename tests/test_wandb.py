@@ -100,7 +100,7 @@ def test_offline_run_logs_config_and_metrics_and_resumes_the_same_run(
     assert {k: logged[k] for k in ("id", "project", "group", "name", "tags")} == {
         "id": run_id, "project": "xlab-test", "group": "grp", "name": "r1", "tags": ["tiny", "test"]}
     assert {k: logged["config"][k] for k in config} == config  # every resolved key, with its value
-    assert logged["config"]["model.n_layer"] == 4 and logged["config"]["optimizer.lr"] == 1e-3
+    assert logged["config"]["model.n_layer"] == 4 and logged["config"]["optimizer.lr"] == 3e-3
     assert logged["history"] == rows
 
     # resuming with the checkpoint's ids appends to the same W&B run (a second offline segment with the same id;
