@@ -3,11 +3,13 @@
     python benchmarks/corpora.py                      # both, into ~/.cache/xlab/corpora
     python benchmarks/corpora.py --out DIR --only small
 
-Then train on one with `python -m xlab.train data=text_files data.data_files=DIR/small.jsonl`.
+Then train on one with `python -m xlab.train data=text_files data.data_files=DIR/small.jsonl` (add
+`data.id_column=id` to name documents by their source path rather than by line number).
 
 - `small.jsonl` (0.8-1.5 MB of text): "The Rust Programming Language" book as installed by rustup
-  (`<rust-docs>/book/`, mdBook HTML), one document per chapter page, the text of the page's `<main>`:
-  navigation, sidebar, scripts and styles dropped, code blocks kept as plain text. The Rustonomicon
+  (`<rust-docs>/book/`, mdBook HTML), one document per chapter page (the pages its toc.html links to), the text
+  of the page's `<main>`: navigation, sidebar, scripts and styles dropped, code blocks kept as plain text (less
+  the lines mdBook hides), HTML entities decoded. The Rustonomicon
   (`<rust-docs>/nomicon/`) is added only if the book alone is under 0.8 MB.
 - `large.jsonl` (>= 20 MB, stops once past 22 MB): the English man pages in `<man-dir>/man[1-8]/`, one document
   per page, rendered to plain text by `groff -man -Tutf8` (a small pure-Python roff stripper when groff is not
@@ -15,10 +17,12 @@ Then train on one with `python -m xlab.train data=text_files data.data_files=DIR
   page are skipped, and so are the ~16,600 machine-generated `gcloud` pages: they are the same flag boilerplate
   over and over and would otherwise be nine tenths of the corpus.
 
-Why: a recipe comparison needs natural English at two sizes (one that trains in minutes, one that does not fit
-in a few epochs) that any machine can build without a network, and that is never the test split of anything we
-score on. Each line is `{"id": <path relative to the source dir>, "text": ...}`; inputs are read in sorted order,
-so rebuilding on the same machine gives byte-identical files. Rebuild with the command above: each file is written
+Why: comparing training recipes needs natural English at two sizes (about 1 MB, which a small model sees many
+times over in minutes, and about 20 times that), built from text already on the machine so that no network is
+needed, and never the test split of anything we score on.
+
+Each line is `{"id": <path relative to the source dir>, "text": ...}`; inputs are read in sorted order, so
+rebuilding on the same machine gives byte-identical files. Rebuild with the command above: each file is written
 to a temporary name and moved into place, so an interrupted build leaves the previous file intact.
 """
 
@@ -30,7 +34,6 @@ import gzip
 import hashlib
 import json
 import lzma
-import multiprocessing
 import os
 import re
 import shutil
@@ -39,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from html.parser import HTMLParser
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 RUST_DOCS = Path("~/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html").expanduser()
@@ -314,7 +318,7 @@ def strip_roff(src: str) -> str:
 
 
 def render_page(args: tuple[str, str]) -> Doc | None:
-    """Worker: (path, renderer name) -> (path, text), or None for a redirect or an empty page."""
+    """Worker: (path, renderer) -> (path, text), or None for a redirect or an empty page."""
     path, renderer = args
     src = roff_source(Path(path))
     if is_redirect(src):
@@ -333,8 +337,10 @@ def large_documents(man_dir: Path, target: float = LARGE_TARGET, renderer: str |
     print(f"large: rendering with {renderer}, {len(pages)} candidate pages", flush=True)
     seen: set[bytes] = set()
     size = 0
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        # imap keeps the input order, so the same pages are taken whatever the workers' timing
+    # Threads are enough: the work is in the groff processes they wait on (the Python stripper is fast anyway), and
+    # unlike a process pool they need no importable __main__. imap keeps the input order, so the same pages are
+    # taken whatever the workers' timing.
+    with ThreadPool(processes) as pool:
         for doc in pool.imap(render_page, [(str(p), renderer) for p in pages], chunksize=4):
             if doc is None:
                 continue

@@ -19,7 +19,12 @@ def dir_size(path: Path) -> int:
 
 def test_train_writes_checkpoints_metrics_and_events(tiny_run: Path):
     ckpts = tiny_run / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step_000020", "step_000030"]
+    names = {p.name for p in ckpts.iterdir()}
+    # ckpt_every=20 and the last step, plus one per evaluation (every 10) that set a new best val loss
+    assert {"last", "best", "step_000020", "step_000030"} <= names <= {"last", "best", *(f"step_{s:06d}" for s in
+                                                                                           (10, 20, 30))}
+    vals = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines() if "val/loss" in line]
+    assert (ckpts / "best").resolve().name == f"step_{min(vals, key=lambda r: r['val/loss'])['step']:06d}"
     assert (ckpts / "last").is_symlink() and (ckpts / "last").resolve() == (ckpts / "step_000030").resolve()
     for step in ("step_000020", "step_000030"):
         assert CKPT_FILES <= {p.name for p in (ckpts / step).iterdir()}
@@ -42,9 +47,9 @@ def test_train_writes_checkpoints_metrics_and_events(tiny_run: Path):
 def test_evaluate_generate_export(tiny_run: Path, tmp_path: Path):
     ckpt = tiny_run / "checkpoints" / "last"
     out = run_cli("evaluate", f"ckpt={ckpt}", "split=val").stdout
-    assert "loss" in out and "accuracy (%)" in out and "perplexity" in out
+    assert "loss" in out and "accuracy (%)" in out and "perplexity" in out and "bits per byte" in out
     result = json.loads((ckpt / "eval_val.json").read_text())
-    assert set(result) == {"loss", "accuracy", "perplexity", "tokens"}
+    assert set(result) == {"loss", "accuracy", "perplexity", "tokens", "bits_per_byte", "bytes"}
     assert 0 < result["loss"] < 20 and result["tokens"] > 0
     assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-6)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))  # by module name, so the worker processes can import it too
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import corpora  # noqa: E402
 

@@ -25,7 +25,7 @@ def test_plot_two_runs_overlaid(tiny_run: Path, tmp_path: Path):
     assert proc.stdout.strip() == f"wrote {out} (2 runs)"
 
     image = Image.open(out).convert("RGB")
-    assert image.size == (1300, 1400)  # 13 x 14 inches at 100 dpi: 4 metrics x (vs step, vs tokens)
+    assert image.size == (1300, 1720)  # 13 x 17.2 inches at 100 dpi: 5 metrics x (vs step, vs tokens)
     colors = image.getcolors(maxcolors=1 << 20)
     assert len(colors) > 50, "blank image"
     pixels = [(count, rgb) for count, rgb in colors]
@@ -37,7 +37,7 @@ def test_plot_two_runs_overlaid(tiny_run: Path, tmp_path: Path):
 
     # the default output is curves.png in the first run dir
     run_cli("plot", str(second))
-    assert Image.open(second / "curves.png").size == (1300, 1400)
+    assert Image.open(second / "curves.png").size == (1300, 1720)
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,9 @@ def test_trainer_state_is_what_the_checkpoint_holds(tmp_path: Path):
     assert state == trainer.state.state_dict()
     assert state["step"] == 4 and state["tokens"] == 4 * 16 * 32 and state["sampler"] == {"batches_drawn": 4}
     vals = [r["val/loss"] for r in records(tmp_path) if "val/loss" in r]
-    assert state["best"] == {"step": 2 * (1 + vals.index(min(vals))), "val_loss": min(vals)}
+    bpbs = [r["val/bpb"] for r in records(tmp_path) if "val/bpb" in r]
+    best = vals.index(min(vals))
+    assert state["best"] == {"step": 2 * (1 + best), "val_loss": min(vals), "val_bpb": bpbs[best]}
 
 
 @pytest.mark.parametrize("key", ["trainer.on_nan=ignore", "model.attn_impl=flash", "trainer.strategy=zero3"])
