@@ -23,8 +23,8 @@ from xlab.models.hf import to_hf_model
 from xlab.sampling import SAMPLERS
 
 ARCHS = {
-    "gpt2": {},
-    "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    "llama": {},  # the model's defaults: RoPE, RMSNorm, SwiGLU, no biases, untied head
 }
 
 

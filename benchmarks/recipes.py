@@ -5,8 +5,10 @@ per byte (the test split, on each run's best and last checkpoints).
     python benchmarks/recipes.py --budget-s 300 --corpora pydocs small large --recipes gpt2_900 default
     python benchmarks/recipes.py --seeds 1337 2024 --recipes default   # run-to-run noise of one recipe
 
-Equal wall-clock: each recipe first trains a short probe (PROBE_STEPS steps) to measure its step time on this
-machine, then trains for as many steps as the budget allows at that speed (evaluation included, data preparation
+Equal wall-clock: each recipe first trains a short probe (PROBE_S seconds, `trainer.max_time_s`, configured for
+PROBE_STEPS steps so that step-count-dependent choices such as trainer.small_data_regularization are those of a
+budget-sized run) to measure its step time on this machine, then trains for as many steps as the budget allows at
+that speed (evaluation included, data preparation
 not: the token cache is warm after a corpus's first run). `gpt2_900` is the fixed baseline — the GPT-2 default of
 commit 435677f, 900 steps, whatever its wall time — so the table also says what the budget bought. Every run is a
 real `python -m xlab.train` subprocess; scores come from `xlab.results`' scoring of checkpoints/best and
@@ -31,7 +33,8 @@ CORPORA = {  # name -> data overrides
     "small": ["data=text_files", f"data.data_files={CORPORA_DIR / 'small.jsonl'}"],
     "large": ["data=text_files", f"data.data_files={CORPORA_DIR / 'large.jsonl'}"],
 }
-GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3"]  # the default of commit 435677f (4x256, ctx 256, AdamW, cosine)
+# the default of commit 435677f: GPT-2 block 4x256, ctx 256, AdamW 3e-3, cosine, no regularisation
+GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3", "trainer.small_data_regularization=false"]
 RECIPES = {  # name -> train overrides; None steps = as many as the budget allows
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
@@ -43,8 +46,13 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
                     "model.n_kv_head=null", "optimizer=muon"], None),
     "llama_wsd": (["model=llama_tiny", "model.n_layer=4", "model.d_model=256", "model.n_head=4",
                    "model.n_kv_head=null", "scheduler=wsd"], None),
+    "llama_drop": (["model=llama_tiny", "model.n_layer=4", "model.d_model=256", "model.n_head=4",
+                    "model.n_kv_head=null", "model.dropout=0.1", "optimizer.weight_decay=0.2"], None),
+    "llama_v2k": (["model=llama_tiny", "model.n_layer=4", "model.d_model=256", "model.n_head=4",
+                   "model.n_kv_head=null", "tokenizer.vocab_size=2048"], None),
 }
-PROBE_STEPS = 30
+PROBE_STEPS = 900  # the baseline's step count: what the probe's run is configured for
+PROBE_S = 25.0
 EVALS = 8  # evaluations per run: enough for the best checkpoint to be near the val minimum
 
 
@@ -75,8 +83,9 @@ def run_recipe(out: Path, corpus: str, recipe: str, seed: int, budget_s: float) 
     steps = fixed_steps
     if steps is None:
         probe = out / "probes" / name
-        train(probe, overrides, [f"trainer.max_steps={PROBE_STEPS}", "trainer.log_every=10", "trainer.save_best=false",
-                                 f"trainer.eval_every={PROBE_STEPS}", "trainer.eval_batches=1"])
+        train(probe, overrides, [f"trainer.max_steps={PROBE_STEPS}", f"trainer.max_time_s={PROBE_S}",
+                                 "trainer.log_every=10", "trainer.save_best=false", f"trainer.eval_every={PROBE_STEPS}",
+                                 "trainer.eval_batches=1"])
         # training gets the budget less the evaluations' share (EVALS x eval_batches forward passes, ~1/3 of a step)
         steps = int(budget_s * 0.93 / step_seconds(probe))
     run = out / "runs" / name

@@ -47,6 +47,9 @@ ISSUE_SHAPE = ["n_layer=6", "d_model=384", "n_head=6", "n_kv_head=null"]
 
 def preset(name: str, overrides: list[str]) -> dict:
     cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    for parent in cfg.pop("defaults", []):  # a preset may extend another (gpt2_small: the gpt block at a size)
+        if parent != "_self_":
+            cfg = {**preset(parent, []), **cfg}
     for item in overrides:
         key, value = item.split("=", 1)
         cfg[key] = yaml.safe_load(value)

@@ -126,3 +126,32 @@ def test_a_run_of_many_epochs_is_warned_with_the_numbers(tmp_path: Path):
     train_tokens = int(line.split(" train tokens)")[0].rsplit("/ ", 1)[1])
     assert f"makes {20000 * 128 / train_tokens:.1f} epochs" in line and "(20000 steps x 128 tokens / " in line
     assert "trainer.early_stop_patience" in line and "checkpoints/best" in line
+
+
+def test_small_data_regularization_follows_the_epoch_count():
+    from omegaconf import OmegaConf
+
+    from xlab.config import TrainConfig
+    from xlab.trainer import regularize_small_data
+
+    cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
+    assert regularize_small_data(cfg, epochs=1.5) == [] and cfg.model.dropout == 0.0
+    assert regularize_small_data(cfg, epochs=3.0) == ["model.dropout=0.1", "optimizer.weight_decay=0.2"]
+    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 0.2)
+    cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
+    cfg.model.dropout = 0.3  # a higher configured value is kept
+    assert regularize_small_data(cfg, epochs=3.0) == ["optimizer.weight_decay=0.2"] and cfg.model.dropout == 0.3
+    cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
+    cfg.trainer.small_data_regularization = False
+    assert regularize_small_data(cfg, epochs=30.0) == [] and cfg.optimizer.weight_decay == 0.1
+
+
+def test_small_data_regularization_is_logged_and_saved(tmp_path: Path):
+    proc = run_cli("train", *SMALL, "trainer.max_steps=1500", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
+    log = proc.stdout + proc.stderr
+    assert "small data (" in log and "training with model.dropout=0.1 optimizer.weight_decay=0.2" in log
+    config = (tmp_path / "checkpoints" / "last" / "config.yaml").read_text()
+    assert "dropout: 0.1" in config and "weight_decay: 0.2" in config and "small_data_regularization: true" in config
+    # max_time_s: the 1500-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert 0 < state["step"] < 1500 and f"stopped at step {state['step']} of 1500" in log

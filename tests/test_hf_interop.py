@@ -15,7 +15,7 @@ from xlab.models.hf import from_hf_model, hf_family, to_hf_model
 FAMILIES = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
     "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, n_kv_head=2),
-    "llama_tied_mqa": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1),
+    "llama_tied_mqa": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=True, n_kv_head=1),
     "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, qk_norm=True,
                   n_kv_head=2, norm_eps=1e-6, rope_theta=1e6),
 }

@@ -9,6 +9,7 @@ from xlab.errors import XLabError
 from xlab.models import XLabModel
 
 TINY = dict(n_layer=2, n_head=2, d_model=32, max_len=16)
+GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)  # configs/model/gpt.yaml
 
 
 def test_logits_shape_hparams_device():
@@ -20,14 +21,14 @@ def test_logits_shape_hparams_device():
 
 
 def test_gpt2_small_has_124m_parameters():
-    model = XLabModel(50257, n_layer=12, n_head=12, d_model=768, max_len=1024)
+    model = XLabModel(50257, n_layer=12, n_head=12, d_model=768, max_len=1024, **GPT2)
     assert model.num_params() == 124_439_808  # GPT-2 small, tied head counted once
 
 
 def test_tied_embeddings_share_storage():
-    tied = XLabModel(100, **TINY)
+    tied = XLabModel(100, **TINY, tie_embeddings=True)
     assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
-    untied = XLabModel(100, **TINY, tie_embeddings=False)
+    untied = XLabModel(100, **TINY)  # the default: an untied head
     assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
     assert untied.num_params() == tied.num_params() + 100 * 32
 
@@ -53,9 +54,11 @@ def test_residual_projections_get_scaled_init():
 
 
 def test_flops_per_token_counts_weights_and_attention():
-    model = XLabModel(100, **TINY)
-    n = model.num_params(exclude_embeddings=True) + 100 * 32
+    model = XLabModel(100, **TINY, tie_embeddings=True)
+    n = model.num_params(exclude_embeddings=True) + 100 * 32  # the tied head is a matmul all the same
     assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
+    untied = XLabModel(100, **TINY)
+    assert untied.flops_per_token() == 6 * untied.num_params(exclude_embeddings=True) + 12 * 2 * 32 * 16
 
 
 def test_bad_shapes_fail_with_a_message():

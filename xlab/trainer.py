@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise XLabError(f"trainer.keep_last={t.keep_last} must be >= 1 (or null to keep every checkpoint)")
     if t.grad_clip < 0:
         raise XLabError(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.max_time_s is not None and not t.max_time_s > 0:
+        raise XLabError(f"trainer.max_time_s={t.max_time_s} must be > 0 (or null: no time limit)")
     if t.early_stop_patience is not None and t.early_stop_patience < 1:
         raise XLabError(f"trainer.early_stop_patience={t.early_stop_patience} must be >= 1 (or null: never stop early)")
 
@@ -126,6 +129,25 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
     )
 
 
+SMALL_DATA_EPOCHS = 2.0  # beyond this many epochs the model starts to memorise: regularise (recipe benchmark)
+SMALL_DATA_FLOORS = {"model.dropout": 0.1, "optimizer.weight_decay": 0.2}
+
+
+def regularize_small_data(cfg: TrainConfig, epochs: float) -> list[str]:
+    """trainer.small_data_regularization: raise dropout and weight decay to SMALL_DATA_FLOORS when the run makes more
+    than SMALL_DATA_EPOCHS epochs over its train split; the changes made, as `key=value` strings."""
+    if not cfg.trainer.small_data_regularization or epochs <= SMALL_DATA_EPOCHS:
+        return []
+    changed = []
+    for key, floor in SMALL_DATA_FLOORS.items():
+        group, name = key.split(".")
+        node = getattr(cfg, group)
+        if getattr(node, name) < floor:
+            setattr(node, name, floor)
+            changed.append(f"{key}={floor}")
+    return changed
+
+
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Host batch → device. To a GPU through pinned memory, so the copy is really asynchronous (a non_blocking copy
     from pageable memory is a synchronous one)."""
@@ -174,6 +196,13 @@ class Trainer:
                                                      self.accelerator.process_index, self.world,
                                                      self.t.grad_accum_steps)
         self.tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum_steps  # per process
+        self.train_tokens = len(self.datamodule.tokens("train"))
+        self.epochs = self.t.max_steps * self.tokens_per_step * self.world / max(self.train_tokens, 1)
+        changed = regularize_small_data(self.cfg, self.epochs)
+        if changed and self.main:
+            log.info("small data (%.1f epochs over the train split): training with %s "
+                     "(trainer.small_data_regularization=false to keep the configured values)", self.epochs,
+                     " ".join(changed))
         table = self.datamodule.tokenizer.byte_lengths()
         self.byte_lengths = torch.as_tensor(table, device=self.device)  # bytes per token id: bits per byte
         if self.main:
@@ -186,11 +215,10 @@ class Trainer:
         if self.main:
             log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
                      model.num_params() / 1e6, model.flops_per_token(), vocab, self.seq_len)
-            train_tokens = len(self.datamodule.tokens("train"))
-            for line in epoch_estimate(model.flops_per_token(), train_tokens, self.tokens_per_step * self.world,
+            for line in epoch_estimate(model.flops_per_token(), self.train_tokens, self.tokens_per_step * self.world,
                                        devices=self.world):
                 log.info(line)
-            warn_many_epochs(self.t.max_steps, self.tokens_per_step * self.world, train_tokens)
+            warn_many_epochs(self.t.max_steps, self.tokens_per_step * self.world, self.train_tokens)
         optimizer = OPTIMIZERS.get(self.cfg.optimizer.name)(model, self.cfg.optimizer)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.t.max_steps)
         Checkpointer.register_hooks(self.accelerator)
@@ -226,7 +254,7 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to trainer.max_steps or a stop request; returns the last evaluation (and `stopped_at` if stopped)."""
-        t = self.t
+        t, self.started = self.t, time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.main, desc="train", dynamic_ncols=True)
         with StopRequest() as stop:
             try:
@@ -376,11 +404,12 @@ class Trainer:
         return self.accelerator.reduce(x, "sum")
 
     def _stop_requested(self, stop: StopRequest, log_step: bool) -> bool:
+        out_of_time = self.t.max_time_s is not None and time.perf_counter() - self.started >= self.t.max_time_s
         if self.world == 1:
-            return stop.requested()
+            return stop.requested() or out_of_time
         if not log_step:  # ranks must agree on the step to stop at (the checkpoint is collective): they vote at
             return False  # log steps, where the loop syncs anyway
-        flag = torch.tensor(float(stop.requested()), device=self.device)
+        flag = torch.tensor(float(stop.requested() or out_of_time), device=self.device)
         return bool(self._sum_over_ranks(flag).item() > 0)
 
     def _write(self, record: dict[str, Any], tracked: dict[str, Any]) -> None:
