@@ -39,6 +39,7 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
     "default": ([], None),  # whatever `python -m xlab.train` does today
+    "default_noreg": (["trainer.small_data_regularization=false"], None),
     "llama": (["model=llama_tiny", "model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.n_kv_head=null"],
               None),
     "modern": (["model=modern_tiny", "model.n_layer=4", "model.d_model=256", "model.n_head=4"], None),

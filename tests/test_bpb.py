@@ -135,23 +135,23 @@ def test_small_data_regularization_follows_the_epoch_count():
     from xlab.trainer import regularize_small_data
 
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
-    assert regularize_small_data(cfg, epochs=1.5) == [] and cfg.model.dropout == 0.0
-    assert regularize_small_data(cfg, epochs=3.0) == ["model.dropout=0.1", "optimizer.weight_decay=0.2"]
+    assert regularize_small_data(cfg, epochs=7.5) == [] and cfg.model.dropout == 0.0
+    assert regularize_small_data(cfg, epochs=9.0) == ["model.dropout=0.1", "optimizer.weight_decay=0.2"]
     assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 0.2)
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.model.dropout = 0.3  # a higher configured value is kept
-    assert regularize_small_data(cfg, epochs=3.0) == ["optimizer.weight_decay=0.2"] and cfg.model.dropout == 0.3
+    assert regularize_small_data(cfg, epochs=9.0) == ["optimizer.weight_decay=0.2"] and cfg.model.dropout == 0.3
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.trainer.small_data_regularization = False
     assert regularize_small_data(cfg, epochs=30.0) == [] and cfg.optimizer.weight_decay == 0.1
 
 
 def test_small_data_regularization_is_logged_and_saved(tmp_path: Path):
-    proc = run_cli("train", *SMALL, "trainer.max_steps=1500", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("train", *SMALL, "trainer.max_steps=5000", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
     log = proc.stdout + proc.stderr
     assert "small data (" in log and "training with model.dropout=0.1 optimizer.weight_decay=0.2" in log
     config = (tmp_path / "checkpoints" / "last" / "config.yaml").read_text()
     assert "dropout: 0.1" in config and "weight_decay: 0.2" in config and "small_data_regularization: true" in config
-    # max_time_s: the 1500-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
+    # max_time_s: the 5000-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
     state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
-    assert 0 < state["step"] < 1500 and f"stopped at step {state['step']} of 1500" in log
+    assert 0 < state["step"] < 5000 and f"stopped at step {state['step']} of 5000" in log

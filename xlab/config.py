@@ -281,7 +281,7 @@ class SamplerConfig(Schema):
 class TrainerConfig(Schema):
     """See xlab/trainer.py."""
 
-    max_steps: int = 500  # ~5 min on a 2-core CPU for the default on pydocs (small data: dropout on)
+    max_steps: int = 1000  # ~5 min on a 2-core CPU for the default on pydocs (longer where small data adds dropout)
     batch_size: int = 16  # sequences per device per micro-step
     grad_accum_steps: int = 1
     precision: Precision = Precision.auto
@@ -297,7 +297,7 @@ class TrainerConfig(Schema):
     on_nan: OnNan = OnNan.stop
     save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
     early_stop_patience: int | None = None  # stop after this many evaluations without a new best val loss
-    # A run of more than SMALL_DATA_EPOCHS epochs (xlab/trainer.py) trains with model.dropout >= 0.1 and
+    # A run of more than SMALL_DATA_EPOCHS (8) epochs (xlab/trainer.py) trains with model.dropout >= 0.1 and
     # optimizer.weight_decay >= 0.2, logged at start: measured to pay on small corpora (BENCHMARKS.md)
     small_data_regularization: bool = True
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
