@@ -122,7 +122,7 @@ def test_a_run_of_many_epochs_is_warned_with_the_numbers(tmp_path: Path):
     # 20000 steps of 128 tokens over a ~60k-token train split; lr 1e-30 and patience 1 end it after two evaluations
     many = run_cli("train", *SMALL, "trainer.max_steps=20000", "optimizer.lr=1e-30", "trainer.eval_every=1",
                    "trainer.early_stop_patience=1", f"hydra.run.dir={tmp_path / 'many'}")
-    line = next(ln for ln in (many.stdout + many.stderr).splitlines() if "epochs over the train split" in ln)
+    line = next(ln for ln in (many.stdout + many.stderr).splitlines() if "this run makes" in ln)
     train_tokens = int(line.split(" train tokens)")[0].rsplit("/ ", 1)[1])
     assert f"makes {20000 * 128 / train_tokens:.1f} epochs" in line and "(20000 steps x 128 tokens / " in line
     assert "trainer.early_stop_patience" in line and "checkpoints/best" in line

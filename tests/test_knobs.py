@@ -13,11 +13,12 @@ from xlab.models.loss import lm_loss_sums
 from xlab.models.transformer import RotaryPositions, default_d_ff
 
 BASE = dict(n_layer=2, n_head=4, d_model=32, max_len=16)
+GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)  # the knobs' baseline
 
 
 def model(**knobs) -> XLabModel:
     torch.manual_seed(0)
-    return XLabModel(50, **{**BASE, **knobs})
+    return XLabModel(50, **{**BASE, **GPT2, **knobs})
 
 
 def test_rope_scores_depend_only_on_relative_offset():

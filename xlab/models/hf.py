@@ -153,7 +153,8 @@ def xlab_config_from_hf(config) -> ModelConfig:
     if t == "gpt2":
         return ModelConfig(n_layer=config.n_layer, n_head=config.n_head, d_model=config.n_embd,
                            max_len=config.n_positions, d_ff=config.n_inner or 4 * config.n_embd,
-                           norm_eps=config.layer_norm_epsilon, tie_embeddings=True)
+                           norm_eps=config.layer_norm_epsilon, pos_emb="learned", norm="layernorm", mlp="gelu",
+                           bias=True, tie_embeddings=True)
     if t in ("llama", "qwen3"):
         if config.head_dim * config.num_attention_heads != config.hidden_size:
             raise XLabError(f"{t} head_dim={config.head_dim} x heads != hidden_size: not representable in XLab")
