@@ -116,6 +116,22 @@ def test_dropout_only_in_training():
     assert torch.equal(m(x), m(x))
 
 
+def test_attn_dropout_separates_attention_from_residual_dropout():
+    """attn_dropout=0 keeps the attention probabilities whole while dropout still drops residual activations;
+    attn_dropout=None (the default) means the attention drops at model.dropout, as before the key existed."""
+    x = torch.randn(2, 16, 32)
+    for attn_dropout, attention_random in ((0.0, False), (None, True), (0.5, True)):
+        m = model(dropout=0.5, attn_dropout=attn_dropout)
+        attn = m.blocks[0].attn.train()
+        rot = m.pos_emb.prepare(torch.arange(16))
+        assert torch.equal(attn(x, m.pos_emb, rot), attn(x, m.pos_emb, rot)) is not attention_random
+    m = model(dropout=0.5, attn_dropout=0.0).train()
+    tokens = torch.randint(0, 50, (2, 16))
+    assert not torch.equal(m(tokens), m(tokens))  # residual and embedding dropout stay on
+    with pytest.raises(XLabError, match=r"model.attn_dropout=1.0 must be in \[0, 1\)"):
+        model(attn_dropout=1.0)
+
+
 def test_untied_head_has_its_own_weight():
     m = model(tie_embeddings=False)
     assert m.lm_head.weight is not m.tok_emb.weight

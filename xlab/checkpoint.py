@@ -101,7 +101,7 @@ def save_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path
 # Model keys that do not change what the weights compute: training-only regularisation (dropout, z_loss), the
 # attention kernel (attn_impl) and initialisation-only keys. Resume accepts a change of these; any other model key
 # (shapes, positions, norms, logit_softcap, which changes the output function) makes the weights mean something else.
-RESUMABLE_MODEL_KEYS = frozenset({"dropout", "z_loss", "attn_impl", "init_std", "residual_init"})
+RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attn_dropout", "z_loss", "attn_impl", "init_std", "residual_init"})
 
 
 def check_resume_config(ckpt: Path, config: dict) -> None:

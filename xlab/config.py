@@ -187,7 +187,11 @@ class ModelConfig(Schema):
     d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (gelu, relu2), ~8/3*d_model (swiglu)
     qk_norm: bool = False  # normalise queries and keys per head before attention (and before RoPE)
     bias: bool = False  # biases in linear layers and LayerNorm
-    dropout: float = 0.0  # embedding, attention and residual dropout
+    dropout: float = 0.0  # embedding, residual and (unless attn_dropout says otherwise) attention dropout
+    # attention-probability dropout; None = dropout. On a CPU it costs about twice what residual dropout does (it
+    # draws B x H x T x T numbers per layer), but it regularises: at equal time on small data, residual-only dropout
+    # scored worse than both together (BENCHMARKS.md)
+    attn_dropout: float | None = None
     tie_embeddings: bool = False
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     z_loss: float = 0.0  # coefficient of the mean squared log-partition term added to the training loss

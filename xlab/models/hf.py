@@ -45,6 +45,10 @@ def hf_family(cfg: ModelConfig) -> str:
     return candidate
 
 
+def attn_dropout(cfg: ModelConfig) -> float:
+    return cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
+
+
 def hf_config(model: XLabModel, family: str, special_ids: dict[str, int | None]):
     import transformers
 
@@ -56,12 +60,13 @@ def hf_config(model: XLabModel, family: str, special_ids: dict[str, int | None])
         return transformers.GPT2Config(
             n_positions=c.max_len, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head, n_inner=default_d_ff(c),
             activation_function="gelu_new", layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout, attn_pdrop=c.dropout, **common)
+            embd_pdrop=c.dropout, attn_pdrop=attn_dropout(c), **common)
     cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen3Config
     return cls(
         hidden_size=c.d_model, intermediate_size=default_d_ff(c), num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head or c.n_head, head_dim=c.d_model // c.n_head,
-        max_position_embeddings=c.max_len, rms_norm_eps=c.norm_eps, hidden_act="silu", attention_dropout=c.dropout,
+        max_position_embeddings=c.max_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
+        attention_dropout=attn_dropout(c),
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attention_bias=False, **common)
 
 

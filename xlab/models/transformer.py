@@ -122,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.d_model // cfg.n_head
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
         self.attn_impl = cfg.attn_impl
         # One matmul for queries, keys and values; keys/values have n_kv_head heads each.
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
@@ -272,8 +272,9 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise XLabError(f"model.n_kv_head={cfg.n_kv_head} must divide model.n_head={cfg.n_head}")
     if cfg.pos_emb == "rope" and (cfg.d_model // cfg.n_head) % 2:
         raise XLabError(f"model.pos_emb=rope needs an even head dim, got d_model/n_head={cfg.d_model // cfg.n_head}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise XLabError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    for key in ("dropout", "attn_dropout"):
+        if getattr(cfg, key) is not None and not 0.0 <= getattr(cfg, key) < 1.0:
+            raise XLabError(f"model.{key}={getattr(cfg, key)} must be in [0, 1)")
     if cfg.logit_softcap is not None and cfg.logit_softcap <= 0:
         raise XLabError(f"model.logit_softcap={cfg.logit_softcap} must be > 0 (or null to disable)")
     if cfg.z_loss < 0 or cfg.init_std <= 0 or cfg.norm_eps <= 0 or (cfg.d_ff is not None and cfg.d_ff < 1):
