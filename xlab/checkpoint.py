@@ -8,11 +8,17 @@ A training checkpoint `<run>/checkpoints/step_NNNNNN/` holds
     state.json          step, tokens seen, data sampler state
 An export holds only model.safetensors, tokenizer.json and config.yaml. `<run>/checkpoints/last` is a symlink to the
 newest complete checkpoint; it moves only after a checkpoint is fully written (tmp dir + rename).
-Accelerate reads its own files with torch.load(weights_only=True).
+
+Loading trusts nothing in the directory: a symlink that leads out of it is refused (XLab, Accelerate and transformers
+open its files by name, so a planted link would make them read, or export, any file); each of Accelerate's state
+files is first read as plain data (torch.load(weights_only=True), DCP metadata through an allow-list), and a
+damaged or code-carrying one is refused by name; the RNG states are restored by XLab itself, because Accelerate
+swallows a failure there; a tokenizer with ids beyond the weights' embedding rows is refused.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pickle
@@ -25,16 +31,21 @@ import torch
 from omegaconf import OmegaConf
 
 from xlab.errors import XLabError, check_writable_dir
-from xlab.fsio import publish_dir, publish_symlink
+from xlab.fsio import contained, publish_dir, publish_symlink
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from xlab.tokenizer import XLabTokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 STATE = "state.json"
 EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG)
+# What xlab.evaluate and xlab.generate write into a checkpoint: replaced on write (fsio.write_file), never read, so a
+# symlink there is no reason to refuse the checkpoint.
+OUTPUTS = ("eval_*.json", "samples_*.jsonl", "samples_*.md")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -47,18 +58,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not (p / name).is_file():
             expected = ", ".join(EXPORT_FILES)
             raise XLabError(f"{str(path)!r} is not a checkpoint: {name} is missing (expected {expected})")
+    check_links(p)
     return p
 
 
+def check_links(ckpt: Path) -> None:
+    """Refuse a checkpoint holding a symlink that leads out of it, at any depth (Accelerate's sharded FSDP state is a
+    subdirectory), naming the link; links between its own files are fine."""
+    for root, dirs, files in os.walk(ckpt):  # a linked directory is listed, not entered
+        for name in dirs + files:
+            rel = (Path(root) / name).relative_to(ckpt)
+            if (ckpt / rel).is_symlink() and not (root == str(ckpt) and any(fnmatch.fnmatch(name, o) for o in OUTPUTS)):
+                contained(ckpt, rel)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(resolve_checkpoint(path) / CONFIG))
+    file = contained(resolve_checkpoint(path), CONFIG)
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(file))
+    except Exception as exc:  # YAML and OmegaConf errors alike: the file is damaged
+        raise XLabError(f"cannot read {file}: {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise XLabError(f"{file} is not a run config (no model: section)")
+    return config
 
 
 def model_vocab_size(path: str | Path) -> int:
     """Rows of the token embedding stored in a checkpoint's weights (read from the header, no tensor loaded)."""
     from safetensors import SafetensorError, safe_open
 
-    weights = resolve_checkpoint(path) / WEIGHTS
+    weights = contained(resolve_checkpoint(path), WEIGHTS)
     try:
         with safe_open(str(weights), framework="pt") as f:
             # Tied embeddings are stored once, under either name.
@@ -75,7 +104,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, device: str = "cpu") 
 
     ckpt = resolve_checkpoint(path)
     try:
-        load_safetensors(model, str(ckpt / WEIGHTS), device=device)
+        load_safetensors(model, str(contained(ckpt, WEIGHTS)), device=device)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         reason = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, not the generic header
@@ -107,7 +136,8 @@ RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attn_dropout", "z_loss", "attn_imp
 def check_resume_config(ckpt: Path, config: dict) -> None:
     """Refuse to resume into a model whose weights would mean something else, naming each changed key. A key the
     checkpoint's config lacks (written before the key existed) counts as its default, which is the old behaviour.
-    (Training settings such as max_steps, lr or eval cadence may change.)"""
+    (Training settings such as max_steps, lr or eval cadence may change.) Then the state files are checked, so that
+    xlab.train refuses a damaged checkpoint before Hydra writes into the run dir."""
     from xlab.config import ModelConfig, to_container
 
     saved = {**to_container(OmegaConf.structured(ModelConfig)), **load_config(ckpt)["model"]}
@@ -115,6 +145,7 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
              if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
     if diffs:
         raise XLabError(f"cannot resume from {ckpt}: the model config changed: {', '.join(diffs)}")
+    check_state_files(ckpt, config)
 
 
 class Checkpointer:
@@ -204,7 +235,7 @@ def _load_hook(accelerator: Accelerator):
         for model in models:  # FSDP models never get here: Accelerate loads its sharded copy itself
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # not "cpu:0"
-            load_safetensors(unwrapped, str(Path(input_dir) / WEIGHTS), device=device)
+            load_safetensors(unwrapped, str(contained(input_dir, WEIGHTS)), device=device)
         models.clear()
 
     return load_hook
@@ -218,30 +249,97 @@ def _test_pause(step: int, tmp: Path) -> None:
         time.sleep(float(pause.split(":")[1]))
 
 
-def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
-    """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json."""
-    ckpt = resolve_checkpoint(path)
+def read_state(ckpt: Path) -> dict:
+    """A training checkpoint's state.json, or a one-line error (an export has none; a damaged one is not JSON)."""
     if not (ckpt / STATE).is_file():
-        raise XLabError(f"{str(path)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
+        raise XLabError(f"{str(ckpt)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
+    file = contained(ckpt, STATE)
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise XLabError(f"cannot resume from {ckpt}: {STATE} holds no step count")
+    return state
+
+
+def saved_world(ckpt: Path, state: dict) -> int:
+    """How many processes wrote the checkpoint: one weight checksum each (older ones: one RNG file each)."""
+    checksums = state.get("rank_weight_checksums") or []
+    return len(checksums) or max(1, len(list(ckpt.glob("random_states_*.pkl"))))
+
+
+def check_state_files(ckpt: Path, config: dict | None) -> None:
+    """Refuse damaged or code-carrying state files, naming the file, before anything is restored; a missing RNG
+    file is refused too unless the config says resume_rng=false."""
+    from xlab.safeload import check_state_files as check
+
+    resume_rng = True if config is None else bool(config.get("resume_rng", True))
+    check(ckpt, saved_world(ckpt, read_state(ckpt)), resume_rng)
+
+
+def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
+    """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json.
+    With config["resume_rng"] false the RNGs keep their seeded state instead of the checkpoint's."""
+    from xlab import safeload
+
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
     if config is not None:
-        check_resume_config(ckpt, config)
+        check_resume_config(ckpt, config)  # the state files too
+    else:
+        check_state_files(ckpt, None)
+    resume_rng = True if config is None else bool(config.get("resume_rng", True))
+    rank = accelerator.process_index
+    # Accelerate restores the RNGs itself but swallows any failure; XLab sets them after it, loudly (or puts the
+    # seeded ones back, with resume_rng=false).
+    rng = safeload.rank_rng_states(ckpt, rank, saved_world(ckpt, state)) if resume_rng else \
+        safeload.current_rng_states()
     try:
         accelerator.load_state(str(ckpt))
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met something that is not plain data
         reason = str(exc).strip().splitlines()[0]
         raise XLabError(f"refusing to load {ckpt}: a state file holds pickled objects, not plain data ({reason})") \
             from None
-    return json.loads((ckpt / STATE).read_text())
+    except FileNotFoundError as exc:
+        raise XLabError(f"cannot resume from {ckpt}: {Path(exc.filename or '?').name} is missing") from None
+    if rng is not None:
+        safeload.set_rng_states(rng, ckpt / f"random_states_{rank}.pkl")
+    return state
+
+
+def load_tokenizer(path: str | Path) -> XLabTokenizer:
+    """A checkpoint's tokenizer, or a one-line error when it cannot be read, lacks the config's special tokens or
+    has ids beyond the weights' embedding rows (a tokenizer.json of another run)."""
+    from xlab.config import TokenizerConfig
+    from xlab.tokenizer import XLabTokenizer
+
+    ckpt = resolve_checkpoint(path)
+    file = contained(ckpt, TOKENIZER)
+    try:
+        tokenizer = XLabTokenizer.from_file(file, TokenizerConfig(**load_config(ckpt)["tokenizer"]))
+    except XLabError:
+        raise
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for a damaged file
+        raise XLabError(f"cannot read the tokenizer {file}: {str(exc).strip().splitlines()[0]}") from None
+    ids = max(len(tokenizer), 1 + max(tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()))
+    rows = model_vocab_size(ckpt)
+    # XLab sizes the embedding to its tokenizer exactly; a transformers model (init_from) may have spare rows.
+    if ids > rows or (not load_config(ckpt).get("init_from") and ids != rows):
+        raise XLabError(f"{file} has {ids} token ids but the weights in {ckpt} have {rows} embedding rows: the "
+                        "tokenizer is not the one these weights were trained with")
+    return tokenizer
 
 
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Copy the weights, tokenizer and config (no optimizer state) into `out`."""
     ckpt = resolve_checkpoint(path)
+    load_tokenizer(ckpt)  # refuse a tokenizer that does not fit the weights before writing anything
     check_writable_dir(out, "out")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")
     out.mkdir(parents=True, exist_ok=True)
     for name in EXPORT_FILES:
-        shutil.copyfile(ckpt / name, out / name)
+        shutil.copyfile(contained(ckpt, name), out / name)
     return out

@@ -338,6 +338,9 @@ class TrainConfig(Schema):
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1337
     resume: str | None = None  # a checkpoint path, or "auto" for <run dir>/checkpoints/last if it exists
+    # false: resume without the checkpoint's RNG states (a lost or damaged random_states_<rank>.pkl); the RNGs keep
+    # their seeded state, so dropout draws differ from an uninterrupted run. True refuses such a checkpoint.
+    resume_rng: bool = True
     init_from: str | None = None  # "hf:DIR": start from a local transformers GPT-2/Llama/Qwen3 model and tokenizer
 
 

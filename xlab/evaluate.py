@@ -30,6 +30,7 @@ def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: i
     from xlab.datamodules import XLabDataModule
     from xlab.errors import XLabError
     from xlab.evaluation import evaluate
+    from xlab.fsio import write_file
     from xlab.models import XLabModel
     from xlab.precision import autocast_for, resolve_precision
 
@@ -42,7 +43,11 @@ def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: i
     windows = datamodule.eval_windows(split, model.max_len, batch_size, max_batches)
     byte_lengths = torch.as_tensor(datamodule.tokenizer.byte_lengths(), device=dev)
     result = evaluate(model, windows, dev, autocast_for(dev, resolve_precision(precision)), byte_lengths=byte_lengths)
-    (ckpt / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+    out = ckpt / f"eval_{split}.json"
+    try:
+        write_file(out, json.dumps(result, indent=2))  # replaces a symlink there instead of writing through it
+    except OSError as exc:
+        raise XLabError(f"cannot write {out}: {exc}") from None
     return result
 
 

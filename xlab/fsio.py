@@ -1,8 +1,10 @@
-"""Publishing files, directories and symlinks atomically and durably.
+"""Publishing files, directories and symlinks atomically and durably, and reading inside a directory only.
 
 A writer builds under a temporary name and renames it into place, so a reader sees the old state or the new one,
 never half of one. The rename itself survives a power cut only once the parent directory is fsynced too, so each
-helper syncs the new content, renames, then syncs the parent.
+helper syncs the new content, renames, then syncs the parent. The rename replaces a symlink at the final name rather
+than writing through it, so a link planted in a checkpoint cannot redirect a write elsewhere; `contained` is the
+reading side: a file of a directory resolved, refused if a link leads out of that directory.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
+
+from xlab.errors import XLabError
 
 # Answers of filesystems that cannot fsync a directory (some network and FUSE filesystems): nothing more can be done.
 _NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -57,6 +62,42 @@ def publish_file(tmp: str | Path, final: str | Path) -> None:
     fsync_dir(Path(final).parent)
 
 
+def write_file(path: str | Path, data: str | bytes) -> None:
+    """Write `path` atomically and durably through a fresh temporary file in its directory. An existing `path` that is
+    a symlink is replaced by the new file, never written through."""
+    path = Path(path)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL: never follows a link
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results that write_text would have shared
+        publish_file(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def contained(directory: str | Path, name: str | Path) -> Path:
+    """The real path of `directory/name`, or a one-line error when a symlink on the way leads out of `directory` (a
+    directory given to read is read, not whatever a link planted in it points at). Links inside it are fine."""
+    root = Path(directory).resolve()
+    try:
+        real = (root / name).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise XLabError(f"cannot resolve {root / name}: {exc}") from None
+    if not real.is_relative_to(root):
+        raise XLabError(f"refusing to read {root / name}: it is a symlink to {real}, outside {root}; copy the file "
+                        "into the directory instead")
+    return real
+
+
 def publish_dir(tmp: str | Path, final: str | Path, replace: bool = False) -> bool:
     """Rename the finished directory `tmp` to `final`, durably; True if `tmp` became `final`.
 
@@ -90,4 +131,4 @@ def publish_symlink(link: str | Path, target_name: str) -> None:
     fsync_dir(link.parent)
 
 
-__all__ = ["fsync_dir", "fsync_tree", "publish_dir", "publish_file", "publish_symlink"]
+__all__ = ["contained", "fsync_dir", "fsync_tree", "publish_dir", "publish_file", "publish_symlink", "write_file"]

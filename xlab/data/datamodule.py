@@ -139,11 +139,15 @@ class XLabDataModule:
     ) -> XLabDataModule:
         """The data module of a checkpoint or export: its tokenizer.json, and its data config for the token files
         (rebuilt with that tokenizer if this machine's cache lacks them). `map_location` is accepted for the
-        seed's signature; data lives on the host."""
-        from xlab.checkpoint import load_config, resolve_checkpoint
+        seed's signature; data lives on the host. The tokenizer is loaded now: one that does not fit the weights is
+        refused here, not as an IndexError mid-run."""
+        from xlab.checkpoint import TOKENIZER, load_config, load_tokenizer, resolve_checkpoint
+        from xlab.fsio import contained
 
         ckpt = resolve_checkpoint(path)
         cfg = load_config(ckpt)
-        return cls(
-            DataConfig(**cfg["data"]), TokenizerConfig(**cfg["tokenizer"]), cache_dir, ckpt / "tokenizer.json"
+        module = cls(
+            DataConfig(**cfg["data"]), TokenizerConfig(**cfg["tokenizer"]), cache_dir, contained(ckpt, TOKENIZER)
         )
+        module._tokenizer = load_tokenizer(ckpt)
+        return module

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from xlab.data.shards import TokenShards
 from xlab.errors import XLabError
+from xlab.fsio import write_file
 from xlab.tokenizer import XLabTokenizer
 
 
@@ -68,11 +69,15 @@ def write_samples(samples: list[Sample], prefix: Path, header: str) -> tuple[Pat
     """`<prefix>.jsonl` and `<prefix>.md`; returns both paths."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     jsonl, md = prefix.with_name(prefix.name + ".jsonl"), prefix.with_name(prefix.name + ".md")
-    jsonl.write_text("".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in samples))
+    text = "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in samples)
     parts = [f"# {header}\n"]
     for n, s in enumerate(samples, 1):
         parts.append(f"## {n}. document {s.document}\n\n**Prompt** ({s.prompt_tokens} tokens)\n\n{_quote(s.prompt)}\n\n"
                      f"**Model** ({s.generated_tokens} tokens)\n\n{_quote(s.generated)}\n\n"
                      f"**True continuation**\n\n{_quote(s.true_continuation)}\n")
-    md.write_text("\n".join(parts))
+    for path, data in ((jsonl, text), (md, "\n".join(parts))):
+        try:
+            write_file(path, data)  # replaces a symlink there instead of writing through it
+        except OSError as exc:
+            raise XLabError(f"cannot write {path}: {exc}") from None
     return jsonl, md

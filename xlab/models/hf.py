@@ -236,9 +236,11 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Checkpoint/export → a transformers model directory that AutoModelForCausalLM/AutoTokenizer load offline."""
     import transformers
 
-    from xlab.checkpoint import load_config, resolve_checkpoint
+    from xlab.checkpoint import TOKENIZER, load_config, load_tokenizer, resolve_checkpoint
+    from xlab.fsio import contained
 
     ckpt = resolve_checkpoint(ckpt)
+    load_tokenizer(ckpt)  # refuse a tokenizer that does not fit the weights before writing anything
     tok = TokenizerConfig(**load_config(ckpt)["tokenizer"])
     model = XLabModel.load_from_checkpoint(ckpt)
     hf_family(model.cfg)  # refuse before writing anything
@@ -247,7 +249,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(ckpt / "tokenizer.json"), bos_token=tok.sos_token, eos_token=tok.eos_token,
+        tokenizer_file=str(contained(ckpt, TOKENIZER)), bos_token=tok.sos_token, eos_token=tok.eos_token,
         pad_token=tok.pad_token, unk_token=tok.unk_token, model_max_length=model.max_len)
     ids = {"bos": fast.bos_token_id, "eos": fast.eos_token_id, "pad": fast.pad_token_id}
     to_hf_model(model, ids).save_pretrained(out)
