@@ -334,6 +334,7 @@ class TrainConfig(Schema):
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1337
     resume: str | None = None  # a checkpoint path, or "auto" for <run dir>/checkpoints/last if it exists
+    overwrite: bool = False  # a run without resume into a run dir with checkpoints: true removes them, else refused
     init_from: str | None = None  # "hf:DIR": start from a local transformers GPT-2/Llama/Qwen3 model and tokenizer
 
 
