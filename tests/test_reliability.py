@@ -235,8 +235,8 @@ def test_an_empty_val_split_is_refused_before_training(tmp_path: Path):
                    "tokenizer.vocab_size=300", "trainer.max_steps=2", f"hydra.run.dir={run}", check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "the val split has 0 tokens" in errors[0] and "data.split_fractions" in errors[0]
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()  # no step was trained
+    assert "the val split has 0 tokens" in errors[0] and "data.split_fractions" in errors[0]
 
 
 def test_a_second_writer_is_refused_while_a_run_holds_the_run_dir(tmp_path: Path):
