@@ -58,8 +58,10 @@ EVALS = 8  # evaluations per run: enough for the best checkpoint to be near the 
 
 
 def train(run_dir: Path, overrides: list[str], extra: list[str]) -> float:
-    """One `python -m xlab.train` run; its wall seconds."""
-    cmd = [sys.executable, "-m", "xlab.train", *overrides, *extra, "logger=none", f"hydra.run.dir={run_dir}"]
+    """One `python -m xlab.train` run; its wall seconds. Afresh (overwrite=true): a rerun repeats the runs that left
+    no result, over what they left."""
+    cmd = [sys.executable, "-m", "xlab.train", *overrides, *extra, "logger=none", "overwrite=true",
+           f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
