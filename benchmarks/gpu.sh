@@ -23,7 +23,7 @@ train() {  # name, extra overrides...: a short gpt2_small run; prints the last t
   log "train $name: $*"
   timeout 240 "$@" model=gpt2_small tokenizer.vocab_size=8192 trainer.precision=bf16 \
     trainer.max_steps=40 trainer.log_every=10 trainer.eval_every=1000 trainer.eval_batches=4 trainer.ckpt_every=1000 \
-    logger=none hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1
+    logger=none overwrite=true hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1
   echo "exit $?"; grep -E "model:|process\(es\)|final val" "$OUT/$name.log" | tail -3
   tail -n 2 "$OUT/$name/metrics.jsonl" 2>/dev/null | head -1
 }

@@ -75,8 +75,10 @@ EVALS = 8  # evaluations per run: enough for the best checkpoint to be near the 
 
 
 def train(run_dir: Path, overrides: list[str], extra: list[str], threads: int | None) -> float:
-    """One `python -m xlab.train` run (with `threads` torch threads; None = all cores); its wall seconds."""
-    cmd = [sys.executable, "-m", "xlab.train", *overrides, *extra, "logger=none", f"hydra.run.dir={run_dir}"]
+    """One `python -m xlab.train` run (with `threads` torch threads; None = all cores); its wall seconds. Afresh
+    (overwrite=true): a rerun repeats the runs that left no result, over what they left."""
+    cmd = [sys.executable, "-m", "xlab.train", *overrides, *extra, "logger=none", "overwrite=true",
+           f"hydra.run.dir={run_dir}"]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

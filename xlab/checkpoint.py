@@ -72,6 +72,17 @@ def check_links(ckpt: Path) -> None:
                 contained(ckpt, rel)
 
 
+def is_complete(path: Path) -> bool:
+    """Whether `path` is a directory with every file a training checkpoint has (ours; Accelerate's vary)."""
+    return path.is_dir() and all((path / name).is_file() for name in (*EXPORT_FILES, STATE))
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The complete step_N directory with the highest N under `root`, or None."""
+    found = [(int(p.name[5:]), p) for p in Path(root).glob("step_*") if p.name[5:].isdigit() and is_complete(p)]
+    return max(found)[1] if found else None
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     file = contained(resolve_checkpoint(path), CONFIG)
     try:
@@ -242,9 +253,9 @@ def _load_hook(accelerator: Accelerator):
 
 
 def _test_pause(step: int, tmp: Path) -> None:
-    """Test hook XLAB_TEST_SAVE_PAUSE="STEP:SECONDS": a window to kill a save in."""
+    """Test hook XLAB_TEST_SAVE_PAUSE="STEP[,STEP...]:SECONDS": a window to kill or signal a save in."""
     pause = os.environ.get("XLAB_TEST_SAVE_PAUSE", "")
-    if pause and int(pause.split(":")[0]) == step:
+    if pause and step in {int(s) for s in pause.split(":")[0].split(",")}:
         print(f"pausing inside the save of {tmp}", flush=True)
         time.sleep(float(pause.split(":")[1]))
 

@@ -341,6 +341,7 @@ class TrainConfig(Schema):
     # false: resume without the checkpoint's RNG states (a lost or damaged random_states_<rank>.pkl); the RNGs keep
     # their seeded state, so dropout draws differ from an uninterrupted run. True refuses such a checkpoint.
     resume_rng: bool = True
+    overwrite: bool = False  # a run without resume into a run dir with checkpoints: true removes them, else refused
     init_from: str | None = None  # "hf:DIR": start from a local transformers GPT-2/Llama/Qwen3 model and tokenizer
 
 

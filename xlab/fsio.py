@@ -1,20 +1,26 @@
-"""Publishing files, directories and symlinks atomically and durably, and reading inside a directory only.
+"""Publishing files, directories and symlinks atomically and durably, reading inside a directory only, and exclusive
+locks between processes.
 
 A writer builds under a temporary name and renames it into place, so a reader sees the old state or the new one,
 never half of one. The rename itself survives a power cut only once the parent directory is fsynced too, so each
 helper syncs the new content, renames, then syncs the parent. The rename replaces a symlink at the final name rather
 than writing through it, so a link planted in a checkpoint cannot redirect a write elsewhere; `contained` is the
-reading side: a file of a directory resolved, refused if a link leads out of that directory.
+reading side: a file of a directory resolved, refused if a link leads out of that directory. Locks are flock()s on a
+lock file: the OS releases them when their process dies, so a killed holder never leaves a stale lock (the data
+cache and the run dir use them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from xlab.errors import XLabError
 
@@ -131,4 +137,36 @@ def publish_symlink(link: str | Path, target_name: str) -> None:
     fsync_dir(link.parent)
 
 
-__all__ = ["contained", "fsync_dir", "fsync_tree", "publish_dir", "publish_file", "publish_symlink", "write_file"]
+def try_lock(path: str | Path) -> IO | None:
+    """An exclusive lock on file `path` (created if missing), held while the returned file stays open; None when
+    another process holds it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[IO]:
+    """Hold an exclusive lock on file `path` for the block, waiting for another holder (`on_wait()` first)."""
+    import fcntl
+
+    f = try_lock(path)
+    if f is None:
+        if on_wait is not None:
+            on_wait()
+        f = open(path, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    with f:
+        yield f
+
+
+__all__ = ["contained", "fsync_dir", "fsync_tree", "locked", "publish_dir", "publish_file", "publish_symlink",
+           "try_lock", "write_file"]

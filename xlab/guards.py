@@ -7,6 +7,7 @@ update itself; the stop request is a flag set by a signal handler, voted on by t
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -76,13 +77,18 @@ class NanGuard:
 
 
 class StopRequest:
-    """SIGTERM (SLURM preemption, `kill`) or SIGINT (Ctrl-C) asks training to stop: the loop finishes its step,
-    evaluates and saves a checkpoint, and `resume=auto` continues from there. A second signal stops at once."""
+    """SIGTERM (SLURM preemption, `kill`) and SIGINT (Ctrl-C) stop training, and never interrupt a save:
+    1st signal: the loop finishes its step, evaluates, saves a checkpoint and exits 0; `resume=auto` continues there.
+    2nd signal: hurry: no more steps or evaluations; the save in progress is finished (or, when the step is not saved
+                yet, the stop's checkpoint written), then the run exits 0 (`hurried()`).
+    3rd signal: the signal's default action, at once: a checkpoint being written is lost, `last` stays on the one
+                before (saves are atomic)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.count = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -92,10 +98,17 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # a second Ctrl-C: stop right away
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("received %s: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            self.signal = signum
+            log.warning("received %s: stopping after this step and saving a checkpoint", name)
+        elif self.count == 2:
+            log.warning("received %s again: no more steps or evaluation, exiting once the checkpoint is written; "
+                        "a third signal kills the run at once, without it", name)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -103,3 +116,6 @@ class StopRequest:
 
     def requested(self) -> bool:
         return self.signal is not None
+
+    def hurried(self) -> bool:
+        return self.count >= 2

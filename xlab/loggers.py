@@ -19,6 +19,7 @@ from typing import Any
 
 from xlab.config import WandbMode
 from xlab.errors import XLabError
+from xlab.fsio import publish_file
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,26 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def keep_until(self, step: int) -> int:
+        """Drop the lines past `step` (and any line cut short): a run resumed from step N re-runs the steps after N,
+        so the file then reads as an uninterrupted run's. Atomic; returns the number of lines dropped."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if (n := _step_of(line)) is not None and n <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            publish_file(tmp, self.path)
+        return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:

@@ -16,11 +16,17 @@ log = logging.getLogger("xlab.train")
 
 
 def task(cfg: DictConfig) -> float:
+    from xlab.rundir import is_rank_zero, lock_run_dir
     from xlab.trainer import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if is_rank_zero():  # taken already unless Hydra flags (-m) skipped the prevalidation
+        lock_run_dir(run_dir)
     val = train(cfg, run_dir)
     last = run_dir / "checkpoints" / "last"
+    if "loss" not in val:  # a second stop signal skipped the final evaluation
+        log.info("checkpoint: %s", last)
+        return float("nan")
     log.info("final val loss %.4f, val bpb %.4f, val accuracy %.2f%%", val["loss"], val["bits_per_byte"],
              val["accuracy"])
     best = run_dir / "checkpoints" / "best"
@@ -34,12 +40,14 @@ def task(cfg: DictConfig) -> float:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Config checks, and the resume compatibility check, before Hydra writes into the run dir."""
+    """Config checks, the resume compatibility check and the run dir's (no fresh run over another, one writer at a
+    time: xlab/rundir.py), before Hydra writes into the run dir."""
     from omegaconf import OmegaConf, open_dict
 
     from xlab.checkpoint import check_resume_config, resolve_checkpoint
     from xlab.config import to_container
     from xlab.errors import check_writable_dir
+    from xlab.rundir import check_run_dir, is_rank_zero, lock_run_dir
     from xlab.trainer import check_config, resume_path
 
     run_dir = Path(cfg.hydra.run.dir)
@@ -51,6 +59,9 @@ def validate(cfg: DictConfig) -> None:
     ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
     if ckpt is not None and train_cfg.init_from is None:
         check_resume_config(resolve_checkpoint(ckpt), to_container(cfg))
+    check_run_dir(run_dir, train_cfg.resume, train_cfg.overwrite)
+    if is_rank_zero():  # held until this process exits: the other ranks write only what rank 0 coordinates
+        lock_run_dir(run_dir)
 
 main = hydra_app("train", task, validate)
 

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from xlab.checkpoint import Checkpointer, load_training_state, resolve_checkpoint
+from xlab.checkpoint import Checkpointer, load_training_state, newest_checkpoint, resolve_checkpoint
 from xlab.config import OnNan, Strategy, TrainConfig, to_container
 from xlab.data.datamodule import XLabDataModule
 from xlab.data.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
@@ -40,6 +40,7 @@ from xlab.models import MODELS
 from xlab.models.transformer import check_model_config
 from xlab.optimizers import OPTIMIZERS, check_optimizer_config
 from xlab.precision import autocast_for, resolve_precision  # noqa: F401  (autocast_for: the old import path)
+from xlab.rundir import check_run_dir, clear_run_dir
 from xlab.runtime import keep_freed_memory
 from xlab.schedulers import build_scheduler, check_scheduler_config
 from xlab.tokenizer import check_tokenizer_config
@@ -75,16 +76,27 @@ def check_config(cfg: TrainConfig) -> None:
         raise XLabError(f"trainer.max_time_s={t.max_time_s} must be > 0 (or null: no time limit)")
     if t.early_stop_patience is not None and t.early_stop_patience < 1:
         raise XLabError(f"trainer.early_stop_patience={t.early_stop_patience} must be >= 1 (or null: never stop early)")
+    if cfg.overwrite and cfg.resume is not None:
+        raise XLabError(f"overwrite=true starts afresh but resume={cfg.resume} continues a run; give one of them")
 
 
 def resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
-    """The checkpoint `resume` names: a path, or "auto" = <run dir>/checkpoints/last when it exists."""
+    """The checkpoint `resume` names: a path, or "auto" = <run dir>/checkpoints/last when it exists. When `last` is
+    missing or dangles (a kill between a save's rename and the link's move, a deleted checkpoint), auto takes the
+    newest complete step_N; with none left it refuses, rather than start at step 0 over the run's checkpoints."""
     if resume is None:
         return None
-    if resume == "auto":
-        last = ckpt_root / "last"
-        return last if last.exists() else None
-    return resolve_checkpoint(resume)
+    if resume != "auto":
+        return resolve_checkpoint(resume)
+    last = ckpt_root / "last"
+    if last.exists():
+        return last
+    newest = newest_checkpoint(ckpt_root)
+    if newest is None and (last.is_symlink() or any(ckpt_root.glob("step_*"))):
+        why = f"last points to the missing {last.readlink()}" if last.is_symlink() else "its step_* dirs are incomplete"
+        raise XLabError(f"resume=auto: no complete checkpoint to continue from in {ckpt_root} ({why}); start afresh "
+                        "there with overwrite=true instead of resume, or give another hydra.run.dir")
+    return newest
 
 
 def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
@@ -167,6 +179,7 @@ class Trainer:
         self.cfg, init = as_train_config(cfg)
         check_config(self.cfg)
         self.t, self.run_dir = self.cfg.trainer, Path(run_dir)
+        check_run_dir(self.run_dir, self.cfg.resume, self.cfg.overwrite)  # every rank, before any rank writes
         if self.t.keep_freed_memory:
             keep_freed_memory()
         self.mixed_precision = resolve_precision(self.t.precision)
@@ -175,6 +188,8 @@ class Trainer:
                                               self.accelerator.device)
         if not self.main:  # one voice: the other ranks only report problems
             logging.getLogger().setLevel(logging.WARNING)
+        if self.cfg.overwrite and self.main and (removed := clear_run_dir(self.run_dir)):
+            log.warning("overwrite=true: removed the previous run's %s from %s", ", ".join(removed), self.run_dir)
         set_seed(self.cfg.seed)  # same initial weights on every rank
         self._build_data(init)
         self._build_model(init)
@@ -199,6 +214,7 @@ class Trainer:
                                                      self.t.grad_accum_steps)
         self.tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum_steps  # per process
         self.train_tokens = len(self.datamodule.tokens("train"))
+        self.datamodule.check_split("val", self.seq_len)  # now, not at the first evaluation after training
         self.epochs = self.t.max_steps * self.tokens_per_step * self.world / max(self.train_tokens, 1)
         changed = regularize_small_data(self.cfg, self.epochs)
         if changed and self.main:
@@ -238,6 +254,9 @@ class Trainer:
         self.sampler.load_state_dict(self.state.sampler)
         self.saved_step = self.state.step
         if self.main:
+            if self.cfg.resume == "auto" and path.name != "last":
+                log.warning("%s is missing or points to a missing checkpoint: resuming from the newest complete one",
+                            self.checkpointer.root / "last")
             log.info("resumed from %s at step %d", path, self.state.step)
 
     def _start_logging(self) -> None:
@@ -246,6 +265,9 @@ class Trainer:
                 self.cfg.logger.project, config=flat_config(self.config_dict),
                 init_kwargs=tracker_init_kwargs(self.cfg.logger, self.run_dir, self.state.trackers or None))
         self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
+        if self.main and (dropped := self.metrics_file.keep_until(self.state.step)):
+            log.info("dropped %d metrics.jsonl lines past step %d (this run writes them again)", dropped,
+                     self.state.step)
         self.peak = peak_flops(self.device, self.mixed_precision)
         if self.main:
             peak = f"against a {self.peak / 1e12:.0f} TFLOP/s peak per device" if self.peak else "n/a (no known peak)"
@@ -255,24 +277,25 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train to trainer.max_steps or a stop request; returns the last evaluation (and `stopped_at` if stopped)."""
-        t, self.started = self.t, time.perf_counter()
+        """Train to trainer.max_steps or a stop request; returns the last evaluation (and `stopped_at` if stopped;
+        empty when a second stop signal skipped every evaluation, see guards.StopRequest)."""
+        t, self.started, val = self.t, time.perf_counter(), {}
         bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.main, desc="train", dynamic_ncols=True)
         with StopRequest() as stop:
             try:
                 while True:
-                    if self.state.step < t.max_steps:
+                    if self.state.step < t.max_steps and not (self.world == 1 and stop.hurried()):
                         self.train_step()
                         bar.update(1)
                     step = self.state.step
                     log_step = step % t.log_every == 0
-                    stopping = self._stop_requested(stop, log_step)
+                    stopping, hurry = self._stop_requested(stop, log_step)
                     last_step = step >= t.max_steps or stopping
                     resume_clock = self.metrics.pause()
                     if log_step or last_step:
                         self.log_interval(bar)
                     improved = False
-                    if step % t.eval_every == 0 or last_step:  # the final evaluation is a periodic one
+                    if (step % t.eval_every == 0 or last_step) and not hurry:  # the final evaluation is a periodic one
                         val, improved = self.validate()
                         if self.should_stop_early():
                             last_step = True
@@ -405,14 +428,16 @@ class Trainer:
     def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x, "sum")
 
-    def _stop_requested(self, stop: StopRequest, log_step: bool) -> bool:
+    def _stop_requested(self, stop: StopRequest, log_step: bool) -> tuple[bool, bool]:
+        """(stop now, hurry: a second signal, so skip the evaluation)."""
         out_of_time = self.t.max_time_s is not None and time.perf_counter() - self.started >= self.t.max_time_s
         if self.world == 1:
-            return stop.requested() or out_of_time
+            return stop.requested() or out_of_time, stop.hurried()
         if not log_step:  # ranks must agree on the step to stop at (the checkpoint is collective): they vote at
-            return False  # log steps, where the loop syncs anyway
-        flag = torch.tensor(float(stop.requested() or out_of_time), device=self.device)
-        return bool(self._sum_over_ranks(flag).item() > 0)
+            return False, False  # log steps, where the loop syncs anyway
+        flags = torch.tensor([float(stop.requested() or out_of_time), float(stop.hurried())], device=self.device)
+        stopping, hurry = (self._sum_over_ranks(flags) > 0).tolist()
+        return stopping, hurry
 
     def _write(self, record: dict[str, Any], tracked: dict[str, Any]) -> None:
         if self.main:

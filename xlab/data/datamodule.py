@@ -128,10 +128,16 @@ class XLabDataModule:
     def eval_windows(
         self, split: str, seq_len: int, batch_size: int, max_batches: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        tokens = self.tokens(split)
-        if len(tokens) < seq_len + 1:
-            raise XLabError(f"the {split} split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
-        return eval_windows(tokens, seq_len, batch_size, max_batches)
+        self.check_split(split, seq_len)
+        return eval_windows(self.tokens(split), seq_len, batch_size, max_batches)
+
+    def check_split(self, split: str, seq_len: int) -> None:
+        """Fail in one line unless `split` holds at least one window of seq_len + 1 tokens."""
+        n = len(self.tokens(split))
+        if n < seq_len + 1:
+            raise XLabError(f"the {split} split has {n} tokens, fewer than one window of {seq_len + 1}; use more "
+                            "documents (data.max_documents, data.data_files) or a larger share for it "
+                            "(data.split_fractions)")
 
     @classmethod
     def load_from_checkpoint(

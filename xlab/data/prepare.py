@@ -16,7 +16,6 @@ the same shards.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +48,7 @@ from xlab.data.sources import (
     split_thresholds,
 )
 from xlab.errors import XLabError
-from xlab.fsio import publish_dir, publish_file
+from xlab.fsio import locked, publish_dir, publish_file
 from xlab.tokenizer import XLabTokenizer, check_tokenizer_config, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,21 +113,6 @@ def _sample_texts(source: Source, data: DataConfig, plan: Plan) -> Iterator[str]
                 texts = document_texts(table.filter(pa.array(mask))).to_pylist()
                 yield from texts
                 bar.update(len(texts))
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock on `path` (released by the OS if we die): one process builds an entry, others wait."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process that is preparing %s", path.stem)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -301,7 +285,8 @@ def prepare_data(
     if (tokens_dir / "meta.json").exists():
         log.info("reusing cached token files %s", tokens_dir)
     else:
-        with _locked(tokens_dir.with_name(f".{tokens_dir.name}.lock")):
+        with locked(tokens_dir.with_name(f".{tokens_dir.name}.lock"),
+                    lambda: log.info("waiting for another process that is preparing %s", tokens_dir.name)):
             if (tokens_dir / "meta.json").exists():  # built by the process we waited for
                 log.info("reusing cached token files %s", tokens_dir)
             else:
