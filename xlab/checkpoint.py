@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from xlab.errors import XLabError, check_writable_dir
 from xlab.fsio import publish_dir, publish_symlink
@@ -51,12 +52,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(resolve_checkpoint(path) / CONFIG))
+    """A checkpoint's config.yaml as a dict, or one line saying why it cannot be read."""
+    import yaml
+
+    file = resolve_checkpoint(path) / CONFIG
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(file))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())  # YAML errors span several lines
+        raise XLabError(f"cannot read {file}: {reason}") from None
+    if not isinstance(config, dict):
+        raise XLabError(f"{file} is not a mapping of config groups (model, data, tokenizer, ...)")
+    return config
+
+
+def load_section(path: str | Path, group: str, schema: type) -> Any:
+    """One group of a checkpoint's config.yaml as its typed config (schema: the group's dataclass), checked like a
+    command line's, or one line naming the key or value that is wrong there."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    file = resolve_checkpoint(path) / CONFIG
+    values = load_config(path).get(group)
+    if not isinstance(values, dict):
+        raise XLabError(f"{file} has no {group}: mapping")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except (OmegaConfBaseException, XLabError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise XLabError(f"{file}, {group}: {first}") from None
 
 
 def model_vocab_size(path: str | Path) -> int:
     """Rows of the token embedding stored in a checkpoint's weights (read from the header, no tensor loaded)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     weights = resolve_checkpoint(path) / WEIGHTS
     try:
@@ -110,7 +138,7 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
     (Training settings such as max_steps, lr or eval cadence may change.)"""
     from xlab.config import ModelConfig, to_container
 
-    saved = {**to_container(OmegaConf.structured(ModelConfig)), **load_config(ckpt)["model"]}
+    saved = to_container(OmegaConf.structured(load_section(ckpt, "model", ModelConfig)))
     diffs = [f"model.{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in config["model"].items()
              if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
     if diffs:
@@ -146,11 +174,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
-            shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
-            (tmp / STATE).write_text(json.dumps(state, indent=2))
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
+                shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
+                (tmp / STATE).write_text(json.dumps(state, indent=2))
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a failed write as RuntimeError
+            self._write_failed(tmp, final, exc)
         acc.wait_for_everyone()
         _test_pause(step, tmp)
         if acc.is_main_process:
@@ -162,6 +193,14 @@ class Checkpointer:
                 self._drop_old()
         acc.wait_for_everyone()
         return final
+
+    def _write_failed(self, tmp: Path, final: Path, exc: BaseException) -> None:
+        """A full disk (or quota, or file size limit) is the user's to fix: say so in one line, and what is safe."""
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        last = self.root / "last"
+        kept = f"checkpoints/last still points at {os.readlink(last)}" if last.is_symlink() else "no checkpoint kept"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise XLabError(f"cannot write checkpoint {final} (is the disk full?): {reason}; {kept}") from exc
 
     def mark_best(self, step: int) -> None:
         """Point `best` at step_<step>, saved earlier at this step, atomically as `last` is."""
@@ -218,11 +257,32 @@ def _test_pause(step: int, tmp: Path) -> None:
         time.sleep(float(pause.split(":")[1]))
 
 
-def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
-    """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json."""
+def check_resumable(path: str | Path) -> dict:
+    """The state.json of a training checkpoint, once cheap checks found its state files whole, or one line naming
+    the damaged file. Cheap enough to run before Hydra writes into the run dir: a truncated torch file lacks the zip
+    directory at its end, which is all that is read here."""
+    import zipfile
+
+    from xlab.train_state import TrainState
+
     ckpt = resolve_checkpoint(path)
     if not (ckpt / STATE).is_file():
         raise XLabError(f"{str(path)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
+    try:
+        state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+        TrainState().load_state_dict(state)  # every key it needs, of the right type
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({type(exc).__name__}: {exc})") from None
+    for file in sorted([*ckpt.glob("*.bin"), *ckpt.glob("*.pt")]):  # Accelerate's torch.save files
+        if not zipfile.is_zipfile(file):
+            raise XLabError(f"cannot resume from {ckpt}: {file.name} is damaged or truncated (not a whole torch file)")
+    return state
+
+
+def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
+    """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json."""
+    ckpt = resolve_checkpoint(path)
+    state = check_resumable(ckpt)
     if config is not None:
         check_resume_config(ckpt, config)
     try:
@@ -231,7 +291,10 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
         reason = str(exc).strip().splitlines()[0]
         raise XLabError(f"refusing to load {ckpt}: a state file holds pickled objects, not plain data ({reason})") \
             from None
-    return json.loads((ckpt / STATE).read_text())
+    except (RuntimeError, EOFError, ValueError, OSError, SafetensorError) as exc:  # damage the checks above miss
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise XLabError(f"cannot resume from {ckpt}: a state file is damaged ({reason})") from None
+    return state
 
 
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:

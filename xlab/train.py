@@ -37,7 +37,7 @@ def validate(cfg: DictConfig) -> None:
     """Config checks, and the resume compatibility check, before Hydra writes into the run dir."""
     from omegaconf import OmegaConf, open_dict
 
-    from xlab.checkpoint import check_resume_config, resolve_checkpoint
+    from xlab.checkpoint import check_resumable, check_resume_config, resolve_checkpoint
     from xlab.config import to_container
     from xlab.errors import check_writable_dir
     from xlab.trainer import check_config, resume_path
@@ -50,7 +50,9 @@ def validate(cfg: DictConfig) -> None:
     check_config(train_cfg)
     ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
     if ckpt is not None and train_cfg.init_from is None:
+        check_resumable(ckpt)
         check_resume_config(resolve_checkpoint(ckpt), to_container(cfg))
+
 
 main = hydra_app("train", task, validate)
 

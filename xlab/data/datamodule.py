@@ -140,10 +140,8 @@ class XLabDataModule:
         """The data module of a checkpoint or export: its tokenizer.json, and its data config for the token files
         (rebuilt with that tokenizer if this machine's cache lacks them). `map_location` is accepted for the
         seed's signature; data lives on the host."""
-        from xlab.checkpoint import load_config, resolve_checkpoint
+        from xlab.checkpoint import load_section, resolve_checkpoint
 
         ckpt = resolve_checkpoint(path)
-        cfg = load_config(ckpt)
-        return cls(
-            DataConfig(**cfg["data"]), TokenizerConfig(**cfg["tokenizer"]), cache_dir, ckpt / "tokenizer.json"
-        )
+        data, tokenizer = load_section(ckpt, "data", DataConfig), load_section(ckpt, "tokenizer", TokenizerConfig)
+        return cls(data, tokenizer, cache_dir, ckpt / "tokenizer.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xlab.config import DataConfig
-from xlab.data.sources import SOURCES, Source, files_fingerprint, fingerprint, resolve_files
+from xlab.data.sources import SOURCES, Source, check_text_columns, files_fingerprint, fingerprint, resolve_files
 from xlab.errors import XLabError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def _parquet(path: Path, rel: str, cfg: DataConfig) -> Iterator[dict]:
                       ("id_column", cfg.id_column)):
         if name and name not in names:
             raise XLabError(f"unknown column data.{key}={name!r} in {str(path)!r}; its columns: {', '.join(names)}")
+    check_text_columns(path, pf.schema_arrow, cfg)
     row = 0
     for batch in pf.iter_batches(batch_size=1000, columns=wanted):
         cols = batch.to_pydict()

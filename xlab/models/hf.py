@@ -231,10 +231,10 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Checkpoint/export → a transformers model directory that AutoModelForCausalLM/AutoTokenizer load offline."""
     import transformers
 
-    from xlab.checkpoint import load_config, resolve_checkpoint
+    from xlab.checkpoint import load_section, resolve_checkpoint
 
     ckpt = resolve_checkpoint(ckpt)
-    tok = TokenizerConfig(**load_config(ckpt)["tokenizer"])
+    tok = load_section(ckpt, "tokenizer", TokenizerConfig)
     model = XLabModel.load_from_checkpoint(ckpt)
     hf_family(model.cfg)  # refuse before writing anything
     check_writable_dir(out, "out")
