@@ -299,7 +299,11 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
 
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Copy the weights, tokenizer and config (no optimizer state) into `out`."""
+    from xlab.config import DataConfig, ModelConfig, TokenizerConfig
+
     ckpt = resolve_checkpoint(path)
+    for group, schema in (("model", ModelConfig), ("data", DataConfig), ("tokenizer", TokenizerConfig)):
+        load_section(ckpt, group, schema)  # an export must load: refuse to copy a damaged config.yaml
     check_writable_dir(out, "out")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):

@@ -39,6 +39,7 @@ def validate(cfg: DictConfig) -> None:
 
     from xlab.checkpoint import check_resumable, check_resume_config, resolve_checkpoint
     from xlab.config import to_container
+    from xlab.data.sources import check_source
     from xlab.errors import check_writable_dir
     from xlab.trainer import check_config, resume_path
 
@@ -48,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
         del cfg["hydra"]
     train_cfg = OmegaConf.to_object(cfg)
     check_config(train_cfg)
+    check_source(train_cfg.data)
     ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
     if ckpt is not None and train_cfg.init_from is None:
         check_resumable(ckpt)

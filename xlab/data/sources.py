@@ -41,9 +41,17 @@ class Source:
     # (cfg, ids_only) -> dataset with columns id (str) and, unless ids_only, text (str). ids_only lets a source skip
     # reading the text (a column projection on parquet), which makes the first pass over a big corpus cheap.
     load: Callable[[DataConfig, bool], AnyDataset]
+    # cheap checks of the source's files (columns, their types) that train runs before Hydra writes the run dir
+    check: Callable[[DataConfig], None] | None = None
 
 
 SOURCES: Registry[Source] = Registry("data source")
+
+
+def check_source(data: DataConfig) -> None:
+    source = SOURCES.get(data.name)
+    if source.check is not None:
+        source.check(data)
 
 
 def check_split_fractions(fractions: Sequence[float]) -> None:
