@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,26 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def debugging(env: dict) -> bool:
+    return env.get("XLAB_DEBUG") == "1" or env.get("HYDRA_FULL_ERROR") == "1"
+
+
+def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m xlab.<module> *args`. Suite-wide rule: a CLI prints no traceback, however it ends, unless the
+    environment asks for one (XLAB_DEBUG=1 or HYDRA_FULL_ERROR=1): bad input gets one `error:` line, and a
+    traceback anywhere else is a bug (README, Errors)."""
+    env = os.environ.copy()
     proc = subprocess.run(
         [sys.executable, "-m", f"xlab.{module}", *args], cwd=cwd or REPO, capture_output=True, text=True,
-        env=os.environ.copy(), timeout=600,
+        env=env, timeout=600, preexec_fn=preexec_fn,
     )
+    if not debugging(env):  # on stdout only at a line start: generated text may quote Python's docs
+        printed = TRACEBACK in proc.stderr or any(line.startswith(TRACEBACK) for line in proc.stdout.splitlines())
+        assert not printed, f"xlab.{module} {args} printed a traceback:\n{proc.stdout}\n{proc.stderr}"
     if check and proc.returncode != 0:
         raise AssertionError(f"xlab.{module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from xlab.errors import XLabError, check_writable_dir
 from xlab.fsio import contained, publish_dir, publish_symlink
@@ -84,19 +85,37 @@ def newest_checkpoint(root: Path) -> Path | None:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.yaml as a dict, or one line saying why it cannot be read."""
     file = contained(resolve_checkpoint(path), CONFIG)
     try:
         config = OmegaConf.to_container(OmegaConf.load(file))
-    except Exception as exc:  # YAML and OmegaConf errors alike: the file is damaged
-        raise XLabError(f"cannot read {file}: {str(exc).strip().splitlines()[0]}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise XLabError(f"{file} is not a run config (no model: section)")
+    except Exception as exc:  # OSError, YAML and OmegaConf errors alike: the file is damaged
+        reason = " ".join(str(exc).split())  # YAML errors span several lines
+        raise XLabError(f"cannot read {file}: {reason}") from None
+    if not isinstance(config, dict):
+        raise XLabError(f"{file} is not a mapping of config groups (model, data, tokenizer, ...)")
     return config
+
+
+def load_section(path: str | Path, group: str, schema: type) -> Any:
+    """One group of a checkpoint's config.yaml as its typed config (schema: the group's dataclass), checked like a
+    command line's, or one line naming the key or value that is wrong there."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    file = resolve_checkpoint(path) / CONFIG
+    values = load_config(path).get(group)
+    if not isinstance(values, dict):
+        raise XLabError(f"{file} has no {group}: mapping")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except (OmegaConfBaseException, XLabError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise XLabError(f"{file}, {group}: {first}") from None
 
 
 def model_vocab_size(path: str | Path) -> int:
     """Rows of the token embedding stored in a checkpoint's weights (read from the header, no tensor loaded)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     weights = contained(resolve_checkpoint(path), WEIGHTS)
     try:
@@ -151,7 +170,7 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
     xlab.train refuses a damaged checkpoint before Hydra writes into the run dir."""
     from xlab.config import ModelConfig, to_container
 
-    saved = {**to_container(OmegaConf.structured(ModelConfig)), **load_config(ckpt)["model"]}
+    saved = to_container(OmegaConf.structured(load_section(ckpt, "model", ModelConfig)))
     diffs = [f"model.{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in config["model"].items()
              if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
     if diffs:
@@ -188,11 +207,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
-            shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
-            (tmp / STATE).write_text(json.dumps(state, indent=2))
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
+                shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
+                (tmp / STATE).write_text(json.dumps(state, indent=2))
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a failed write as RuntimeError
+            self._write_failed(tmp, final, exc)
         acc.wait_for_everyone()
         _test_pause(step, tmp)
         if acc.is_main_process:
@@ -204,6 +226,14 @@ class Checkpointer:
                 self._drop_old()
         acc.wait_for_everyone()
         return final
+
+    def _write_failed(self, tmp: Path, final: Path, exc: BaseException) -> None:
+        """A full disk (or quota, or file size limit) is the user's to fix: say so in one line, and what is safe."""
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        last = self.root / "last"
+        kept = f"checkpoints/last still points at {os.readlink(last)}" if last.is_symlink() else "no checkpoint kept"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise XLabError(f"cannot write checkpoint {final} (is the disk full?): {reason}; {kept}") from exc
 
     def mark_best(self, step: int) -> None:
         """Point `best` at step_<step>, saved earlier at this step, atomically as `last` is."""
@@ -289,13 +319,35 @@ def check_state_files(ckpt: Path, config: dict | None) -> None:
     check(ckpt, saved_world(ckpt, read_state(ckpt)), resume_rng)
 
 
+def check_resumable(path: str | Path) -> dict:
+    """The state.json of a training checkpoint, once cheap checks found its state files whole, or one line naming
+    the damaged file. Cheap enough to run before Hydra writes into the run dir: a truncated torch file lacks the zip
+    directory at its end, which is all that is read here."""
+    import zipfile
+
+    from xlab.train_state import TrainState
+
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / STATE).is_file():
+        raise XLabError(f"{str(path)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
+    try:
+        state = json.loads(contained(ckpt, STATE).read_text(encoding="utf-8"))
+        TrainState().load_state_dict(state)  # every key it needs, of the right type
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({type(exc).__name__}: {exc})") from None
+    for file in sorted([*ckpt.glob("*.bin"), *ckpt.glob("*.pt")]):  # Accelerate's torch.save files
+        if not zipfile.is_zipfile(file):
+            raise XLabError(f"cannot resume from {ckpt}: {file.name} is damaged or truncated (not a whole torch file)")
+    return state
+
+
 def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
     """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json.
     With config["resume_rng"] false the RNGs keep their seeded state instead of the checkpoint's."""
     from xlab import safeload
 
     ckpt = resolve_checkpoint(path)
-    state = read_state(ckpt)
+    state = check_resumable(ckpt)
     if config is not None:
         check_resume_config(ckpt, config)  # the state files too
     else:
@@ -314,6 +366,9 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
             from None
     except FileNotFoundError as exc:
         raise XLabError(f"cannot resume from {ckpt}: {Path(exc.filename or '?').name} is missing") from None
+    except (RuntimeError, EOFError, ValueError, OSError, SafetensorError) as exc:  # damage the checks above miss
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise XLabError(f"cannot resume from {ckpt}: a state file is damaged ({reason})") from None
     if rng is not None:
         safeload.set_rng_states(rng, ckpt / f"random_states_{rank}.pkl")
     return state
@@ -328,7 +383,7 @@ def load_tokenizer(path: str | Path) -> XLabTokenizer:
     ckpt = resolve_checkpoint(path)
     file = contained(ckpt, TOKENIZER)
     try:
-        tokenizer = XLabTokenizer.from_file(file, TokenizerConfig(**load_config(ckpt)["tokenizer"]))
+        tokenizer = XLabTokenizer.from_file(file, load_section(ckpt, "tokenizer", TokenizerConfig))
     except XLabError:
         raise
     except Exception as exc:  # the tokenizers library raises plain Exceptions for a damaged file
@@ -344,8 +399,12 @@ def load_tokenizer(path: str | Path) -> XLabTokenizer:
 
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Copy the weights, tokenizer and config (no optimizer state) into `out`."""
+    from xlab.config import DataConfig, ModelConfig, TokenizerConfig
+
     ckpt = resolve_checkpoint(path)
     load_tokenizer(ckpt)  # refuse a tokenizer that does not fit the weights before writing anything
+    for group, schema in (("model", ModelConfig), ("data", DataConfig), ("tokenizer", TokenizerConfig)):
+        load_section(ckpt, group, schema)  # an export must load: refuse to copy a damaged config.yaml
     check_writable_dir(out, "out")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):

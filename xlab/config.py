@@ -7,6 +7,7 @@ Each group's fields are documented next to the code that reads them (one hop fro
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -132,13 +133,60 @@ class ExportFormat(Choice):
     hf = "hf"  # a transformers model directory
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number field (of each element, for a list): within lo..hi, an end excluded when its
+    *_open flag is set, or `also`. `note` says what edge values or null mean."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: float | None = None  # one valid value outside lo..hi (temperature 0 = greedy)
+    note: str = ""
+
+    def allows(self, value: float) -> bool:
+        if value == self.also:
+            return True
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        else:
+            text = f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+        return f"{text} {self.note}" if self.note else text
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+POSITIVE = Range(0, lo_open=True)
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+SEED = Range(0, 2**32 - 1)  # what NumPy's seeding (Accelerate's set_seed) takes
+# Below this, logits / temperature (and / repetition_penalty) overflow float32 to inf and sampling breaks
+MIN_DIVISOR = 1e-4
+
+
 class Schema:
-    """Base of the config dataclasses: values given as strings from Python (not through OmegaConf, which checks
-    them itself) become their Choice, or fail with one line listing the valid ones."""
+    """Base of the config dataclasses, and the one place where values are checked field by field, whether they come
+    from YAML, the command line (OmegaConf builds the dataclasses: OmegaConf.to_object) or Python:
+    - a value given as a string from Python (OmegaConf checks its own) becomes its Choice, or fails listing them;
+    - every float must be finite; a number in LIMITS (field name -> Range) must be in its range (None, for an
+      optional field, is always allowed).
+    Checks that relate several fields or need a registry stay with the code that reads them (check_*_config)."""
 
     GROUPS = {"ModelConfig": "model.", "DataConfig": "data.", "TokenizerConfig": "tokenizer.",
               "LoggerConfig": "logger.", "OptimizerConfig": "optimizer.", "SchedulerConfig": "scheduler.",
               "TrainerConfig": "trainer.", "SamplerConfig": "sampler."}
+    LIMITS: dict[str, Range] = {}  # a class constant, not a field: subclasses leave it unannotated
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -147,13 +195,16 @@ class Schema:
             options = typing.get_args(hint) or (hint,)  # X | None and list[X] name X among their arguments
             choice = next((t for t in options if isinstance(t, type) and issubclass(t, Choice)), None)
             value = getattr(self, f.name)
-            if choice is None or value is None:
-                continue
             key = self.GROUPS.get(type(self).__name__, "") + f.name
-            if typing.get_origin(hint) is list:
-                setattr(self, f.name, [_choose(choice, v, key) for v in value])
+            if value is None:
+                continue
+            if choice is not None:
+                if typing.get_origin(hint) is list:
+                    setattr(self, f.name, [_choose(choice, v, key) for v in value])
+                else:
+                    setattr(self, f.name, _choose(choice, value, key))
             else:
-                setattr(self, f.name, _choose(choice, value, key))
+                _check_number(key, value, self.LIMITS.get(f.name))
 
 
 def _choose(choice: type[Choice], value: Any, key: str) -> Choice:
@@ -164,6 +215,20 @@ def _choose(choice: type[Choice], value: Any, key: str) -> Choice:
     except ValueError:
         valid = ", ".join(c.value for c in choice)
         raise XLabError(f"{key}={value!r} is not valid; valid: {valid}") from None
+
+
+def _check_number(key: str, value: Any, limits: Range | None) -> None:
+    from xlab.errors import XLabError
+
+    items = value if isinstance(value, (list, tuple)) else [value]
+    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    finite = all(math.isfinite(v) for v in numbers)
+    if finite and (limits is None or all(limits.allows(v) for v in numbers)):
+        return
+    shown = list(value) if isinstance(value, (list, tuple)) else value
+    if limits is None:
+        raise XLabError(f"{key}={shown} must be finite")
+    raise XLabError(f"{key}={shown} must be {'a finite number ' if not finite else ''}{limits.describe()}")
 
 
 @dataclass
@@ -199,6 +264,15 @@ class ModelConfig(Schema):
     residual_init: ResidualInit = ResidualInit.scaled  # init of the residual branches' output projections
     attn_impl: AttnImpl = AttnImpl.auto
 
+    LIMITS = {
+        "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "d_model": AT_LEAST_1, "max_len": AT_LEAST_1,
+        "n_kv_head": Range(1, note="(or null: n_head)"), "d_ff": Range(1, note="(or null: the MLP's default)"),
+        "rope_theta": POSITIVE, "norm_eps": POSITIVE, "dropout": Range(0, 1, hi_open=True),
+        "attn_dropout": Range(0, 1, hi_open=True, note="(or null: dropout)"),
+        "logit_softcap": Range(0, lo_open=True, note="(or null to disable)"), "z_loss": NON_NEGATIVE,
+        "init_std": POSITIVE,
+    }
+
 
 @dataclass
 class DataConfig(Schema):
@@ -219,6 +293,10 @@ class DataConfig(Schema):
     id_column: str | None = None  # a stable document id; None (text_files) = file path and row number
     shard_size_mb: float = 1024.0  # token shard files are cut at document boundaries below this size
 
+    # split_fractions (4 fractions summing to 1): xlab/data/sources.py
+    LIMITS = {"num_proc": Range(1, note="(or null)"), "max_documents": Range(1, note="(or null)"),
+              "shard_size_mb": POSITIVE}
+
 
 @dataclass
 class TokenizerConfig(Schema):
@@ -236,6 +314,9 @@ class TokenizerConfig(Schema):
     unk_token: str = "<|unk|>"
     extra_special_tokens: list[str] = field(default_factory=list)  # reserved ids after the four above
 
+    # vocab_size's minimum depends on the special tokens and the model: xlab/tokenizer.py
+    LIMITS = {"min_frequency": NON_NEGATIVE, "train_docs": Range(1, note="(or null for the whole train split)")}
+
 
 @dataclass
 class OptimizerConfig(Schema):
@@ -250,6 +331,10 @@ class OptimizerConfig(Schema):
     nesterov: bool = True  # muon and sgd
     adam_lr: float | None = None  # muon: lr of the AdamW part (embeddings, head, norms, biases); None = lr
 
+    # betas (two of them, in [0, 1)): xlab/optimizers.py
+    LIMITS = {"lr": POSITIVE, "adam_lr": POSITIVE, "eps": POSITIVE, "weight_decay": NON_NEGATIVE,
+              "momentum": Range(0, 1, hi_open=True)}
+
 
 @dataclass
 class SchedulerConfig(Schema):
@@ -259,6 +344,8 @@ class SchedulerConfig(Schema):
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of the peak lr
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to the floor
+
+    LIMITS = {"warmup_steps": NON_NEGATIVE, "min_lr_ratio": FRACTION, "decay_fraction": FRACTION}
 
 
 @dataclass
@@ -279,6 +366,13 @@ class SamplerConfig(Schema):
     # line are YAML booleans, which OmegaConf refuses for an Enum field; xlab/sampling.py converts it.
     early_stopping: str = "false"
     num_return_sequences: int = 1  # beam: best sequences returned per prompt (<= num_beams)
+
+    # num_return_sequences (<= num_beams): xlab/sampling.py
+    LIMITS = {
+        "temperature": Range(MIN_DIVISOR, also=0, note="(or 0: greedy)"), "top_k": Range(0, note="(0 = off)"),
+        "top_p": Range(0, 1, lo_open=True), "repetition_penalty": Range(MIN_DIVISOR, note="(1 = off)"),
+        "min_new_tokens": NON_NEGATIVE, "num_beams": AT_LEAST_1,
+    }
 
 
 @dataclass
@@ -306,6 +400,18 @@ class TrainerConfig(Schema):
     small_data_regularization: bool = True
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
                                      # max_steps. For probes and hard budgets; equal-time comparisons set max_steps
+
+    LIMITS = {
+        "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1,
+        "ckpt_every": AT_LEAST_1, "log_every": AT_LEAST_1,
+        # A stop request (SIGTERM, Ctrl-C, max_time_s) is honoured between optimizer steps, so a step must stay
+        # short; and one step's window starts are drawn at once (xlab/data/datamodule.py). More: raise batch_size.
+        "grad_accum_steps": Range(1, 1024),
+        "grad_clip": Range(0, note="(0 disables clipping)"),
+        "keep_last": Range(1, note="(or null to keep every checkpoint)"),
+        "early_stop_patience": Range(1, note="(or null: never stop early)"),
+        "max_time_s": Range(0, lo_open=True, note="(or null: no time limit)"),
+    }
 
 
 @dataclass
@@ -344,6 +450,8 @@ class TrainConfig(Schema):
     overwrite: bool = False  # a run without resume into a run dir with checkpoints: true removes them, else refused
     init_from: str | None = None  # "hf:DIR": start from a local transformers GPT-2/Llama/Qwen3 model and tokenizer
 
+    LIMITS = {"seed": SEED}
+
 
 @dataclass
 class EvaluateConfig(Schema):
@@ -352,8 +460,10 @@ class EvaluateConfig(Schema):
     batch_size: int = 8
     max_batches: int | None = None  # None = the whole split
     precision: Precision = Precision.auto
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    LIMITS = {"batch_size": AT_LEAST_1, "max_batches": Range(1, note="(or null: the whole split)")}
 
 
 @dataclass
@@ -368,12 +478,18 @@ class GenerateConfig(Schema):
     seed: int | None = 0
     output: OutputFormat = OutputFormat.text
     batch_size: int = 8  # prompts decoded together
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     prompts_from: Split | None = None  # a split (predict): prompt with the first prompt_tokens of its documents
     num_prompts: int = 8
     prompt_tokens: int = 32
     out: str | None = None  # prompts_from output prefix; None = <checkpoint dir>/samples_<split>.{jsonl,md}
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    LIMITS = {
+        "num_samples": AT_LEAST_1, "max_new_tokens": NON_NEGATIVE, "seed": Range(0, 2**32 - 1, note="(or null)"),
+        "temperature": SamplerConfig.LIMITS["temperature"], "batch_size": AT_LEAST_1, "num_prompts": AT_LEAST_1,
+        "prompt_tokens": AT_LEAST_1,
+    }
 
 
 @dataclass

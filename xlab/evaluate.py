@@ -13,11 +13,41 @@ from omegaconf import DictConfig
 
 from xlab.cli import hydra_app
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def pick_device(name: str):
+    """The torch device `device=` names (auto: cuda when there is one, else cpu), or one line saying why it cannot
+    be used here."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    from xlab.errors import XLabError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):  # torch's own message lists every backend it was built to know
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise XLabError(f"device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise XLabError(f"device={name!r}: there is no CUDA device here (torch.cuda.is_available() is False); "
+                        "use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise XLabError(f"device={name!r}: there are only {torch.cuda.device_count()} CUDA devices here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise XLabError(f"device={name!r}: MPS is not available here; use device=cpu or device=auto")
+    return dev
+
+
+def validate(cfg: DictConfig) -> None:
+    """The schema's checks (xlab/config.py) and the device, before any work."""
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(cfg):
+        del cfg["hydra"]
+    pick_device(OmegaConf.to_object(cfg).device)
 
 
 def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: int | None = None,
@@ -27,6 +57,7 @@ def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: i
     import torch
 
     from xlab.checkpoint import resolve_checkpoint
+    from xlab.config import EvaluateConfig
     from xlab.datamodules import XLabDataModule
     from xlab.errors import XLabError
     from xlab.evaluation import evaluate
@@ -34,8 +65,8 @@ def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: i
     from xlab.models import XLabModel
     from xlab.precision import autocast_for, resolve_precision
 
-    if batch_size < 1:
-        raise XLabError(f"batch_size={batch_size} must be >= 1")
+    # the schema checks the numbers and choices (the command line's arrive checked already)
+    EvaluateConfig(str(ckpt), split, batch_size, max_batches, precision, device)
     ckpt = resolve_checkpoint(ckpt)
     dev = pick_device(device)
     model = XLabModel.load_from_checkpoint(ckpt, map_location=dev)
@@ -67,7 +98,7 @@ def task(cfg: DictConfig) -> dict:
     return result
 
 
-main = hydra_app("evaluate", task)
+main = hydra_app("evaluate", task, validate)
 
 if __name__ == "__main__":
     main()

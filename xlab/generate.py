@@ -51,9 +51,23 @@ class Streamer:
             self.shown = text
 
 
+def validate(cfg: DictConfig) -> None:
+    """The schema's checks (xlab/config.py), the sampler's and the device, before any work."""
+    from omegaconf import open_dict
+
+    from xlab.evaluate import pick_device
+    from xlab.sampling import check_beam_length, check_sampler_config
+
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg = OmegaConf.to_object(cfg)
+    check_sampler_config(cfg.sampler)
+    check_beam_length(cfg.sampler, cfg.max_new_tokens)
+    pick_device(cfg.device)
+
+
 def task(cfg: DictConfig) -> list:
     from xlab.datamodules import XLabDataModule
-    from xlab.errors import XLabError
     from xlab.evaluate import pick_device
     from xlab.inference import cut_at_stop, generate_ids
     from xlab.models import XLabModel
@@ -62,11 +76,6 @@ def task(cfg: DictConfig) -> list:
     cfg = OmegaConf.to_object(cfg)
     sampler = cfg.sampler if cfg.temperature is None else replace(cfg.sampler, temperature=cfg.temperature)
     check_sampler_config(sampler)
-    for key in ("num_samples", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise XLabError(f"{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.max_new_tokens < 0:
-        raise XLabError(f"max_new_tokens={cfg.max_new_tokens} must be >= 0")
     if cfg.prompts_from is not None:
         return predict_split(cfg, sampler)
     prompts = read_prompts(cfg)
@@ -135,7 +144,7 @@ def predict_split(cfg, sampler) -> list:
     return samples
 
 
-main = hydra_app("generate", task)
+main = hydra_app("generate", task, validate)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import torch
 
 from xlab.config import SamplerConfig
 from xlab.errors import XLabError
-from xlab.sampling import SAMPLERS, check_sampler_config, decode_tokens
+from xlab.sampling import SAMPLERS, check_beam_length, check_sampler_config, decode_tokens
 
 
 @dataclass
@@ -97,6 +97,7 @@ def generate_ids(
     """Decode token-id prompts (sos is prepended); returns (prompt index, generated ids, beam score) tuples."""
     if max_new_tokens < 0:
         raise XLabError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    check_beam_length(cfg, max_new_tokens)
     if not prompts:
         raise XLabError("no prompts given")
     encoded = []

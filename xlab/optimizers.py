@@ -33,17 +33,10 @@ def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Paramete
 
 
 def check_optimizer_config(cfg: OptimizerConfig) -> None:
+    """Beyond the schema's checks (number ranges: xlab/config.py)."""
     OPTIMIZERS.get(cfg.name)
-    for key in ("lr", "adam_lr"):
-        value = getattr(cfg, key)
-        if value is not None and value <= 0:
-            raise XLabError(f"optimizer.{key}={value} must be > 0")
-    if cfg.weight_decay < 0:
-        raise XLabError(f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         raise XLabError(f"optimizer.betas={list(cfg.betas)} must be two numbers in [0, 1)")
-    if not 0 <= cfg.momentum < 1:
-        raise XLabError(f"optimizer.momentum={cfg.momentum} must be in [0, 1)")
 
 
 def _adamw(groups: list[dict], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:

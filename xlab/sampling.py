@@ -37,14 +37,9 @@ EARLY_STOPPING = {EarlyStopping.true: True, EarlyStopping.false: False, EarlySto
 
 
 def check_sampler_config(cfg: SamplerConfig) -> None:
+    """Beyond the schema's checks (each number's range: xlab/config.py)."""
     SAMPLERS.get(cfg.name)
     problems = [
-        (cfg.temperature < 0, f"sampler.temperature={cfg.temperature} must be >= 0"),
-        (cfg.top_k < 0, f"sampler.top_k={cfg.top_k} must be >= 0 (0 = off)"),
-        (not 0 < cfg.top_p <= 1, f"sampler.top_p={cfg.top_p} must be in (0, 1]"),
-        (cfg.repetition_penalty <= 0, f"sampler.repetition_penalty={cfg.repetition_penalty} must be > 0"),
-        (cfg.min_new_tokens < 0, f"sampler.min_new_tokens={cfg.min_new_tokens} must be >= 0"),
-        (cfg.num_beams < 1, f"sampler.num_beams={cfg.num_beams} must be >= 1"),
         (not 1 <= cfg.num_return_sequences <= max(cfg.num_beams, 1) and cfg.name == "beam",
          f"sampler.num_return_sequences={cfg.num_return_sequences} must be in [1, num_beams={cfg.num_beams}]"),
         (str(cfg.early_stopping).lower() not in EARLY_STOPPING,
@@ -53,6 +48,12 @@ def check_sampler_config(cfg: SamplerConfig) -> None:
     for bad, message in problems:
         if bad:
             raise XLabError(message)
+
+
+def check_beam_length(cfg: SamplerConfig, max_new_tokens: int) -> None:
+    """Beam search ranks continuations, so it needs at least one new token to rank."""
+    if cfg.name == "beam" and max_new_tokens < 1:
+        raise XLabError(f"max_new_tokens={max_new_tokens} with sampler=beam: beam search needs max_new_tokens >= 1")
 
 
 # --- logits processors, in transformers' semantics ---------------------------------------------------------------

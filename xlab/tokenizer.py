@@ -122,10 +122,6 @@ def check_tokenizer_config(cfg: TokenizerConfig) -> None:
     minimum = len(specials) + (512 if cfg.name == "wordpiece" else 256)
     if cfg.vocab_size < minimum:
         raise XLabError(f"tokenizer.vocab_size={cfg.vocab_size} is too small; it must be >= {minimum}")
-    if cfg.train_docs is not None and cfg.train_docs < 1:
-        raise XLabError(f"tokenizer.train_docs={cfg.train_docs} must be >= 1 (or null for the whole train split)")
-    if cfg.min_frequency < 0:
-        raise XLabError(f"tokenizer.min_frequency={cfg.min_frequency} must be >= 0")
 
 
 def train_tokenizer(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:

@@ -44,8 +44,9 @@ def validate(cfg: DictConfig) -> None:
     time: xlab/rundir.py), before Hydra writes into the run dir."""
     from omegaconf import OmegaConf, open_dict
 
-    from xlab.checkpoint import check_resume_config, resolve_checkpoint
+    from xlab.checkpoint import check_resumable, check_resume_config, resolve_checkpoint
     from xlab.config import to_container
+    from xlab.data.sources import check_source
     from xlab.errors import check_writable_dir
     from xlab.rundir import check_run_dir, is_rank_zero, lock_run_dir
     from xlab.trainer import check_config, resume_path
@@ -56,12 +57,15 @@ def validate(cfg: DictConfig) -> None:
         del cfg["hydra"]
     train_cfg = OmegaConf.to_object(cfg)
     check_config(train_cfg)
+    check_source(train_cfg.data)
     ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
     if ckpt is not None and train_cfg.init_from is None:
+        check_resumable(ckpt)
         check_resume_config(resolve_checkpoint(ckpt), to_container(cfg))
     check_run_dir(run_dir, train_cfg.resume, train_cfg.overwrite)
     if is_rank_zero():  # held until this process exits: the other ranks write only what rank 0 coordinates
         lock_run_dir(run_dir)
+
 
 main = hydra_app("train", task, validate)
 

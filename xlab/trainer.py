@@ -53,7 +53,8 @@ __all__ = ["Trainer", "train", "evaluate", "check_config", "resume_path"]
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Every check that can fail before any work is done (closed choices are checked by the schema)."""
+    """Every check that can fail before any work is done, beyond the schema's (closed choices and number ranges,
+    checked when the config's dataclasses are built: xlab/config.py)."""
     MODELS.get(cfg.model.name)
     check_model_config(cfg.model)
     check_data_config(cfg.data)
@@ -62,20 +63,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_optimizer_config(cfg.optimizer)
     check_scheduler_config(cfg.scheduler)
     check_logger_config(cfg.logger)
-    t = cfg.trainer
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "log_every"):
-        if getattr(t, key) < 1:
-            raise XLabError(f"trainer.{key}={getattr(t, key)} must be >= 1")
-    if t.strategy is Strategy.fsdp and not torch.cuda.is_available():
+    if cfg.trainer.strategy is Strategy.fsdp and not torch.cuda.is_available():
         raise XLabError("trainer.strategy=fsdp needs CUDA GPUs (on CPU Accelerate runs DDP); use trainer.strategy=ddp")
-    if t.keep_last is not None and t.keep_last < 1:
-        raise XLabError(f"trainer.keep_last={t.keep_last} must be >= 1 (or null to keep every checkpoint)")
-    if t.grad_clip < 0:
-        raise XLabError(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
-    if t.max_time_s is not None and not t.max_time_s > 0:
-        raise XLabError(f"trainer.max_time_s={t.max_time_s} must be > 0 (or null: no time limit)")
-    if t.early_stop_patience is not None and t.early_stop_patience < 1:
-        raise XLabError(f"trainer.early_stop_patience={t.early_stop_patience} must be >= 1 (or null: never stop early)")
     if cfg.overwrite and cfg.resume is not None:
         raise XLabError(f"overwrite=true starts afresh but resume={cfg.resume} continues a run; give one of them")
 

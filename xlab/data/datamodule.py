@@ -147,13 +147,11 @@ class XLabDataModule:
         (rebuilt with that tokenizer if this machine's cache lacks them). `map_location` is accepted for the
         seed's signature; data lives on the host. The tokenizer is loaded now: one that does not fit the weights is
         refused here, not as an IndexError mid-run."""
-        from xlab.checkpoint import TOKENIZER, load_config, load_tokenizer, resolve_checkpoint
+        from xlab.checkpoint import TOKENIZER, load_section, load_tokenizer, resolve_checkpoint
         from xlab.fsio import contained
 
         ckpt = resolve_checkpoint(path)
-        cfg = load_config(ckpt)
-        module = cls(
-            DataConfig(**cfg["data"]), TokenizerConfig(**cfg["tokenizer"]), cache_dir, contained(ckpt, TOKENIZER)
-        )
+        data, tokenizer = load_section(ckpt, "data", DataConfig), load_section(ckpt, "tokenizer", TokenizerConfig)
+        module = cls(data, tokenizer, cache_dir, contained(ckpt, TOKENIZER))
         module._tokenizer = load_tokenizer(ckpt)
         return module

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,9 +41,17 @@ class Source:
     # (cfg, ids_only) -> dataset with columns id (str) and, unless ids_only, text (str). ids_only lets a source skip
     # reading the text (a column projection on parquet), which makes the first pass over a big corpus cheap.
     load: Callable[[DataConfig, bool], AnyDataset]
+    # cheap checks of the source's files (columns, their types) that train runs before Hydra writes the run dir
+    check: Callable[[DataConfig], None] | None = None
 
 
 SOURCES: Registry[Source] = Registry("data source")
+
+
+def check_source(data: DataConfig) -> None:
+    source = SOURCES.get(data.name)
+    if source.check is not None:
+        source.check(data)
 
 
 def check_split_fractions(fractions: Sequence[float]) -> None:
@@ -127,13 +135,7 @@ def document_texts(table: pa.Table) -> pa.ChunkedArray:
 
 def check_data_config(data: DataConfig) -> None:
     SOURCES.get(data.name)
-    check_split_fractions(data.split_fractions)
-    for key in ("max_documents", "num_proc"):
-        value = getattr(data, key)
-        if value is not None and value < 1:
-            raise XLabError(f"data.{key}={value} must be >= 1 (or null)")
-    if data.shard_size_mb <= 0:
-        raise XLabError(f"data.shard_size_mb={data.shard_size_mb} must be > 0")
+    check_split_fractions(data.split_fractions)  # the other numbers: by the schema (xlab/config.py)
 
 
 def split_ids(data: DataConfig) -> dict[str, list[str]]:
@@ -149,13 +151,14 @@ def split_ids(data: DataConfig) -> dict[str, list[str]]:
 
 def resolve_files(pattern: str | None, key: str, suffixes: Sequence[str]) -> list[Path]:
     """The files a glob names (`**` recurses; a directory means every file below it), sorted so the order is the
-    same on every machine; a one-line error if none match or some have an unsupported suffix."""
+    same on every machine, each real file once; a one-line error if none match or some have an unsupported
+    suffix."""
     if not pattern:
         raise XLabError(f"{key} is not set; give a glob of {'/'.join(suffixes)} files, e.g. {key}='corpus/*.txt'")
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
         pattern = os.path.join(pattern, "**", "*")
-    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    files = _distinct(sorted(Path(p) for p in _glob_files(pattern, set())))
     if not files:
         raise XLabError(f"no files match {key}={pattern!r}")
     bad = [f for f in files if f.suffix.lower() not in suffixes]
@@ -164,6 +167,66 @@ def resolve_files(pattern: str | None, key: str, suffixes: Sequence[str]) -> lis
     return files
 
 
+def _glob_files(pattern: str, seen: set[tuple[int, int]]) -> list[str]:
+    """glob.glob(pattern, recursive=True)'s files, except that `**` enters each real directory once (`seen`: their
+    device and inode): through a symlink loop glob lists the same files again at every depth the OS allows."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return [p for p in glob.glob(pattern) if os.path.isfile(p)]
+    i = parts.index("**")
+    head, tail = os.sep.join(parts[:i]) or (os.sep if pattern.startswith(os.sep) else "."), os.sep.join(parts[i + 1:])
+    roots = [d for d in glob.glob(head) if os.path.isdir(d)] if glob.has_magic(head) else [head]
+    found = []
+    for root in roots:
+        for top, dirs, names in os.walk(root, followlinks=True):
+            stat = os.stat(top)
+            if (stat.st_dev, stat.st_ino) in seen:
+                dirs.clear()
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # `**` skips hidden directories, as glob does
+            if tail:
+                found += _glob_files(os.path.join(glob.escape(top), tail), seen)
+            else:
+                found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+    return [f for f in found if os.path.isfile(f)]
+
+
+def _distinct(files: list[Path]) -> list[Path]:
+    """One path per real file: a file reached through links (or hard-linked twice) is one source of documents, so
+    no document reaches two splits under two ids. Its own path wins over a linked one, else the first in order."""
+    chosen: dict[tuple[int, int], Path] = {}
+    for f in files:
+        stat = f.stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key not in chosen or (_unlinked(f) and not _unlinked(chosen[key])):
+            chosen[key] = f
+    return sorted(chosen.values())
+
+
+def _unlinked(path: Path) -> bool:
+    return os.path.realpath(path) == os.path.abspath(path)
+
+
+def check_text_columns(path: Path | str, schema: Any, cfg: DataConfig) -> None:
+    """The text and title columns of a parquet file (its pyarrow schema) must hold strings: a number would become
+    text silently, or break tokenization far from its cause."""
+    import pyarrow as pa
+
+    for key in ("text_column", "title_column"):
+        name = getattr(cfg, key)
+        if name and name in schema.names:
+            kind = schema.field(name).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise XLabError(f"data.{key}={name!r} in {str(path)!r} holds {kind}, not text; name a string column")
+
+
 def files_fingerprint(files: Sequence[Path]) -> str:
-    """Names the content of local files by path, size and modification time (hashing 20 GB would take minutes)."""
-    return fingerprint([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    """Names the content of local files by path, size, inode, and modification and change times, not by a hash of
+    their bytes (hashing 20 GB would take minutes at every start). The change time (ctime) is what catches an edit
+    that keeps size and mtime (`touch -r`, `cp -p`, `rsync -t`): the system sets it on every write, and no tool can
+    set it back. It also moves on chmod/chown/rename, which costs one needless re-tokenization. Not seen: an edit
+    that keeps the size within the timestamp granularity of a coarse file system (1-2 s on FAT or some network
+    mounts) after the corpus was prepared; remove the token cache entry then (README, Data at scale)."""
+    stats = [(str(f.resolve()), f.stat()) for f in files]
+    return fingerprint([(path, s.st_size, s.st_ino, s.st_mtime_ns, s.st_ctime_ns) for path, s in stats])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xlab.config import DataConfig
-from xlab.data.sources import SOURCES, Source, files_fingerprint, fingerprint, resolve_files
+from xlab.data.sources import SOURCES, Source, check_text_columns, files_fingerprint, fingerprint, resolve_files
 from xlab.errors import XLabError
 
 if TYPE_CHECKING:
@@ -70,16 +70,26 @@ def _jsonl(path: Path, rel: str, cfg: DataConfig) -> Iterator[dict]:
             yield {"id": str(doc_id), "text": "" if text is None else str(text)}
 
 
-def _parquet(path: Path, rel: str, cfg: DataConfig) -> Iterator[dict]:
+def _parquet_file(path: Path, cfg: DataConfig):
+    """The open parquet file, once it is known to hold the configured columns, text ones of strings."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise XLabError(f"cannot read {str(path)!r} as parquet: {exc}") from None
     names = pf.schema_arrow.names
-    wanted = [c for c in (cfg.text_column, cfg.title_column, cfg.id_column) if c]
     for key, name in (("text_column", cfg.text_column), ("title_column", cfg.title_column),
                       ("id_column", cfg.id_column)):
         if name and name not in names:
             raise XLabError(f"unknown column data.{key}={name!r} in {str(path)!r}; its columns: {', '.join(names)}")
+    check_text_columns(path, pf.schema_arrow, cfg)
+    return pf
+
+
+def _parquet(path: Path, rel: str, cfg: DataConfig) -> Iterator[dict]:
+    pf = _parquet_file(path, cfg)
+    wanted = [c for c in (cfg.text_column, cfg.title_column, cfg.id_column) if c]
     row = 0
     for batch in pf.iter_batches(batch_size=1000, columns=wanted):
         cols = batch.to_pydict()
@@ -125,4 +135,11 @@ def _load(cfg: DataConfig, ids_only: bool = False) -> datasets.IterableDataset:
     )
 
 
-SOURCES.register("text_files")(Source(fingerprint=_fingerprint, load=_load))
+def _check(cfg: DataConfig) -> None:
+    """Before any work: files match, and each parquet file's columns fit (its footer is all that is read)."""
+    for path in resolve_files(cfg.data_files, "data.data_files", SUFFIXES):
+        if path.suffix.lower() == ".parquet":
+            _parquet_file(path, cfg)
+
+
+SOURCES.register("text_files")(Source(fingerprint=_fingerprint, load=_load, check=_check))

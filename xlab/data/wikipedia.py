@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from xlab.config import DataConfig
-from xlab.data.sources import SOURCES, Source, files_fingerprint, fingerprint, resolve_files
+from xlab.data.sources import SOURCES, Source, check_text_columns, files_fingerprint, fingerprint, resolve_files
 from xlab.errors import XLabError
 
 if TYPE_CHECKING:
@@ -53,10 +53,11 @@ def _load(cfg: DataConfig, ids_only: bool = False) -> datasets.IterableDataset |
     if cfg.data_files:
         files = resolve_files(cfg.data_files, "data.data_files", (".parquet",))
         try:
-            available = pq.read_schema(files[0]).names
+            schema = pq.read_schema(files[0])
         except Exception as exc:  # pyarrow raises several types for a file that is not parquet
             raise XLabError(f"cannot read {str(files[0])!r} as parquet: {exc}") from None
-        _check_columns(str(files[0]), available, cfg)
+        _check_columns(str(files[0]), schema.names, cfg)
+        check_text_columns(files[0], schema, cfg)
         # Local files are read in place (streaming): converting them to an Arrow copy would only cost disk.
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True,
                                    columns=list(columns))

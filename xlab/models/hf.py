@@ -236,12 +236,12 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Checkpoint/export → a transformers model directory that AutoModelForCausalLM/AutoTokenizer load offline."""
     import transformers
 
-    from xlab.checkpoint import TOKENIZER, load_config, load_tokenizer, resolve_checkpoint
+    from xlab.checkpoint import TOKENIZER, load_section, load_tokenizer, resolve_checkpoint
     from xlab.fsio import contained
 
     ckpt = resolve_checkpoint(ckpt)
     load_tokenizer(ckpt)  # refuse a tokenizer that does not fit the weights before writing anything
-    tok = TokenizerConfig(**load_config(ckpt)["tokenizer"])
+    tok = load_section(ckpt, "tokenizer", TokenizerConfig)
     model = XLabModel.load_from_checkpoint(ckpt)
     hf_family(model.cfg)  # refuse before writing anything
     check_writable_dir(out, "out")
