@@ -136,11 +136,11 @@ def test_small_data_regularization_follows_the_epoch_count():
 
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     assert regularize_small_data(cfg, epochs=7.5) == [] and cfg.model.dropout == 0.0
-    assert regularize_small_data(cfg, epochs=9.0) == ["model.dropout=0.1", "optimizer.weight_decay=0.5"]
-    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 0.5)
+    assert regularize_small_data(cfg, epochs=9.0) == ["model.dropout=0.1", "optimizer.weight_decay=1.0"]
+    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 1.0)
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.model.dropout = 0.3  # a higher configured value is kept
-    assert regularize_small_data(cfg, epochs=9.0) == ["optimizer.weight_decay=0.5"] and cfg.model.dropout == 0.3
+    assert regularize_small_data(cfg, epochs=9.0) == ["optimizer.weight_decay=1.0"] and cfg.model.dropout == 0.3
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.trainer.small_data_regularization = False
     assert regularize_small_data(cfg, epochs=30.0) == [] and cfg.optimizer.weight_decay == 0.1
@@ -149,9 +149,9 @@ def test_small_data_regularization_follows_the_epoch_count():
 def test_small_data_regularization_is_logged_and_saved(tmp_path: Path):
     proc = run_cli("train", *SMALL, "trainer.max_steps=5000", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
     log = proc.stdout + proc.stderr
-    assert "small data (" in log and "training with model.dropout=0.1 optimizer.weight_decay=0.5" in log
+    assert "small data (" in log and "training with model.dropout=0.1 optimizer.weight_decay=1.0" in log
     config = (tmp_path / "checkpoints" / "last" / "config.yaml").read_text()
-    assert "dropout: 0.1" in config and "weight_decay: 0.5" in config and "small_data_regularization: true" in config
+    assert "dropout: 0.1" in config and "weight_decay: 1.0" in config and "small_data_regularization: true" in config
     # max_time_s: the 5000-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
     state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
     assert 0 < state["step"] < 5000 and f"stopped at step {state['step']} of 5000" in log

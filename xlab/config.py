@@ -396,7 +396,7 @@ class TrainerConfig(Schema):
     save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
     early_stop_patience: int | None = None  # stop after this many evaluations without a new best val loss
     # A run of more than SMALL_DATA_EPOCHS (8) epochs (xlab/trainer.py) trains with model.dropout >= 0.1 and
-    # optimizer.weight_decay >= 0.5, logged at start: measured to pay on small corpora (BENCHMARKS.md)
+    # optimizer.weight_decay >= 1.0, logged at start: measured to pay on small corpora (BENCHMARKS.md)
     small_data_regularization: bool = True
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
                                      # max_steps. For probes and hard budgets; equal-time comparisons set max_steps
