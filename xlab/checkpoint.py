@@ -291,16 +291,17 @@ def _test_pause(step: int, tmp: Path) -> None:
 
 
 def read_state(ckpt: Path) -> dict:
-    """A training checkpoint's state.json, or a one-line error (an export has none; a damaged one is not JSON)."""
+    """A training checkpoint's state.json, checked to hold every key TrainState needs, or a one-line error (an export
+    has none; a damaged one names what is wrong)."""
+    from xlab.train_state import TrainState
+
     if not (ckpt / STATE).is_file():
         raise XLabError(f"{str(ckpt)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
-    file = contained(ckpt, STATE)
     try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({exc})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise XLabError(f"cannot resume from {ckpt}: {STATE} holds no step count")
+        state = json.loads(contained(ckpt, STATE).read_text(encoding="utf-8"))
+        TrainState().load_state_dict(state)  # every key it needs, of the right type
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({type(exc).__name__}: {exc})") from None
     return state
 
 
@@ -325,16 +326,8 @@ def check_resumable(path: str | Path) -> dict:
     directory at its end, which is all that is read here."""
     import zipfile
 
-    from xlab.train_state import TrainState
-
     ckpt = resolve_checkpoint(path)
-    if not (ckpt / STATE).is_file():
-        raise XLabError(f"{str(path)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
-    try:
-        state = json.loads(contained(ckpt, STATE).read_text(encoding="utf-8"))
-        TrainState().load_state_dict(state)  # every key it needs, of the right type
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({type(exc).__name__}: {exc})") from None
+    state = read_state(ckpt)
     for file in sorted([*ckpt.glob("*.bin"), *ckpt.glob("*.pt")]):  # Accelerate's torch.save files
         if not zipfile.is_zipfile(file):
             raise XLabError(f"cannot resume from {ckpt}: {file.name} is damaged or truncated (not a whole torch file)")
