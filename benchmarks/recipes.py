@@ -38,7 +38,8 @@ CORPORA = {  # name -> data overrides
     "large": ["data=text_files", f"data.data_files={CORPORA_DIR / 'large.jsonl'}"],
 }
 # the default of commit 435677f: GPT-2 block 4x256, ctx 256, AdamW 3e-3, cosine, no regularisation
-GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3", "trainer.small_data_regularization=false"]
+GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", "scheduler=cosine",
+                "scheduler.min_lr_ratio=0.1", "trainer.small_data_regularization=false"]
 RECIPES = {  # name -> train overrides; None steps = as many as the budget allows
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
@@ -51,6 +52,9 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "reg_d2": (["model.dropout=0.2", "optimizer.weight_decay=0.2"], None),
     "reg_wd05": (["model.dropout=0.1", "optimizer.weight_decay=0.5"], None),
     "reg_wd1": (["model.dropout=0.1", "optimizer.weight_decay=1.0"], None),
+    "reg_wd2": (["model.dropout=0.1", "optimizer.weight_decay=2.0"], None),
+    "wd1": (["optimizer.weight_decay=1.0"], None),
+    "wd1_lin0": (["optimizer.weight_decay=1.0", "scheduler=linear", "scheduler.min_lr_ratio=0.0"], None),
     "muon05": (["optimizer=muon", "optimizer.lr=0.05"], None),
     "reg_full": (["model.dropout=0.1", "optimizer.weight_decay=0.2"], None),
     "wd05": (["optimizer.weight_decay=0.5", "trainer.small_data_regularization=false"], None),

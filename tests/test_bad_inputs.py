@@ -4,9 +4,11 @@ traceback, and leaves existing files untouched."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,39 @@ def fails_in_one_line(module: str, *args: str, expect: str) -> str:
     assert "Traceback" not in proc.stdout + proc.stderr
     assert expect in lines[0], lines[0]
     return lines[0]
+
+
+def fails_in_one_line_in_process(module: str, *args: str, expect: str, capsys: pytest.CaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """fails_in_one_line through the same entry point (`xlab.<module>.main`, sys.argv and all) without a new
+    interpreter: the catalogue's many cases each cost a start-up otherwise; a sample also runs as a subprocess."""
+    # main sets HYDRA_FULL_ERROR=1: setenv first records its value now (delenv of an unset one records nothing), so
+    # it is restored for later subprocesses, whose tracebacks it would otherwise let through
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    # (re)loaded now: an entry point reads its debug switch from the environment when its module is imported,
+    # which an earlier in-process case may have done while HYDRA_FULL_ERROR=1
+    main = importlib.reload(importlib.import_module(f"xlab.{module}")).main
+    monkeypatch.setattr(sys, "argv", [f"xlab.{module}", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expect in lines[0], lines[0]
+
+
+# Each command's bad-input catalogue runs in process; these cases also run as real subprocesses.
+SUBPROCESS_SAMPLE = {"model=gtp", "trainer.max_steps=many", "optimizer.lr=nan", "seed=-1", "sampler.top_p=1.5",
+                     "device=bogus", "split=dev"}
+
+
+def check_bad_input(module: str, *args: str, expect: str, capsys, monkeypatch) -> None:
+    if SUBPROCESS_SAMPLE & set(args):
+        fails_in_one_line(module, *args, expect=expect)
+    fails_in_one_line_in_process(module, *args, expect=expect, capsys=capsys, monkeypatch=monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +123,9 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize(("args", "expect"), TRAIN_CASES)
-def test_bad_train_config(args, expect, tiny_run: Path):
+def test_bad_train_config(args, expect, tiny_run: Path, capsys, monkeypatch):
     before = snapshot(tiny_run)
-    fails_in_one_line("train", *args, f"hydra.run.dir={tiny_run}", expect=expect)
+    check_bad_input("train", *args, f"hydra.run.dir={tiny_run}", expect=expect, capsys=capsys, monkeypatch=monkeypatch)
     assert unchanged(tiny_run, before)  # an existing run dir is not touched
 
 
@@ -164,8 +199,8 @@ NO_CUDA = "device=cuda: there is no CUDA device here"
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     ],
 )
-def test_bad_generate_input(args, expect, ckpt: Path):
-    fails_in_one_line("generate", f"ckpt={ckpt}", *args, expect=expect)
+def test_bad_generate_input(args, expect, ckpt: Path, capsys, monkeypatch):
+    check_bad_input("generate", f"ckpt={ckpt}", *args, expect=expect, capsys=capsys, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -180,9 +215,9 @@ def test_bad_generate_input(args, expect, ckpt: Path):
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     ],
 )
-def test_bad_evaluate_input(args, expect, ckpt: Path):
+def test_bad_evaluate_input(args, expect, ckpt: Path, capsys, monkeypatch):
     before = snapshot(ckpt)
-    fails_in_one_line("evaluate", f"ckpt={ckpt}", *args, expect=expect)
+    check_bad_input("evaluate", f"ckpt={ckpt}", *args, expect=expect, capsys=capsys, monkeypatch=monkeypatch)
     assert unchanged(ckpt, before)  # no eval_<split>.json: max_batches=-1 used to score all windows but one batch
 
 

@@ -40,3 +40,33 @@ def test_train_loop_benchmark_compares_the_trainer_with_the_old_loop():
               "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--precision", "fp32", "bf16")
     rows = re.findall(rf"\| (fp32|bf16) \| {NUMBER} \| {NUMBER} \| \*\*{NUMBER}\*\* \|", out)
     assert rows == ["fp32", "bf16"], out
+
+
+def test_recipe_baseline_is_still_the_default_of_commit_435677f():
+    """benchmarks/recipes.py's gpt2_900 rows are "the previous default": as today's defaults move, its overrides
+    must still compose to that commit's optimizer, schedule and block (its config, saved in tests/fixtures)."""
+    import importlib.util
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from xlab.cli import CONFIG_DIR
+    from xlab.config import register_configs
+
+    spec = importlib.util.spec_from_file_location("recipes", ROOT / "benchmarks" / "recipes.py")
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    overrides, steps = recipes.RECIPES["gpt2_900"]
+    assert steps == recipes.BASELINE_STEPS == 900
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="train", overrides=overrides))
+    old = yaml.safe_load((ROOT / "tests/fixtures/ckpt_435677f/step_000003/config.yaml").read_text())
+    assert cfg["optimizer"] == old["optimizer"]
+    assert {k: v for k, v in cfg["scheduler"].items() if k != "warmup_steps"} == \
+        {k: v for k, v in old["scheduler"].items() if k != "warmup_steps"}
+    sizes = {"n_layer", "n_head", "d_model", "max_len"}  # the fixture is a tiny model of that commit's block
+    assert {k: v for k, v in cfg["model"].items() if k in old["model"] and k not in sizes} == \
+        {k: v for k, v in old["model"].items() if k not in sizes}
+    assert cfg["trainer"]["small_data_regularization"] is False

@@ -26,6 +26,7 @@ FIXTURE_RUN = [
     "data=text_files", "data.data_files=tests/fixtures/ckpt_435677f/corpus.jsonl", "trainer.batch_size=4",
     "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=3",
     "trainer.eval_batches=2", "scheduler.warmup_steps=2", "trainer.precision=fp32", "logger=none",
+    "scheduler=cosine", "optimizer.weight_decay=0.1",  # and its schedule and decay (the defaults are now linear, 1.0)
 ]
 DIVERGE = [*TINY, "optimizer.lr=1e30", "scheduler.warmup_steps=0", "trainer.precision=fp32", "trainer.max_steps=6",
            "trainer.log_every=3", "trainer.eval_batches=1"]

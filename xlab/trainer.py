@@ -133,7 +133,7 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
 # Beyond this many epochs regularisation pays for its cost (dropout makes a CPU step ~40% slower): in the recipe
 # benchmark it lost at ~6 epochs (pydocs: 1.999 vs 1.896 test bpb) and won at ~13 (the 1 MB corpus: 1.778 vs 1.821).
 SMALL_DATA_EPOCHS = 8.0
-SMALL_DATA_FLOORS = {"model.dropout": 0.1, "optimizer.weight_decay": 1.0}  # 1.0 beat 0.5 and 0.2 (BENCHMARKS.md)
+SMALL_DATA_FLOORS = {"model.dropout": 0.1, "optimizer.weight_decay": 1.0}  # wd 1.0 beat 0.5 and 0.2 (BENCHMARKS.md)
 
 
 def regularize_small_data(cfg: TrainConfig, epochs: float) -> list[str]:
