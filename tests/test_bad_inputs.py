@@ -26,11 +26,15 @@ def unchanged(root: Path, before: dict[str, bytes]) -> bool:
 
 def fails_in_one_line(module: str, *args: str, expect: str) -> str:
     proc = run_cli(module, *args, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    return one_error_line(proc.returncode, proc.stdout + proc.stderr, proc.stderr, expect)
+
+
+def one_error_line(code: int, output: str, err: str, expect: str) -> str:
+    assert code == 2, output
     # progress bars of the work done before the problem surfaced may precede it; the error itself is one line
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in output
     assert expect in lines[0], lines[0]
     return lines[0]
 
@@ -50,11 +54,8 @@ def fails_in_one_line_in_process(module: str, *args: str, expect: str, capsys: p
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert expect in lines[0], lines[0]
+    out = capsys.readouterr()
+    one_error_line(exit_info.value.code, out.out + out.err, out.err, expect)
 
 
 # Each command's bad-input catalogue runs in process; these cases also run as real subprocesses.
