@@ -54,6 +54,7 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "reg_wd1": (["model.dropout=0.1", "optimizer.weight_decay=1.0"], None),
     "reg_wd2": (["model.dropout=0.1", "optimizer.weight_decay=2.0"], None),
     "wd1": (["optimizer.weight_decay=1.0"], None),
+    "wd2": (["optimizer.weight_decay=2.0"], None),
     "wd1_lin0": (["optimizer.weight_decay=1.0", "scheduler=linear", "scheduler.min_lr_ratio=0.0"], None),
     "muon05": (["optimizer=muon", "optimizer.lr=0.05"], None),
     "reg_full": (["model.dropout=0.1", "optimizer.weight_decay=0.2"], None),

@@ -120,6 +120,10 @@ TRAIN_CASES = [
     (["data.split_fractions=[0.9,nan,0.05,0.05]"], "data.split_fractions=[0.9, nan, 0.05, 0.05] must be finite"),
     (["tokenizer.min_frequency=-1"], "tokenizer.min_frequency=-1 must be >= 0"),
     (["tokenizer.train_docs=0"], "tokenizer.train_docs=0 must be >= 1"),
+    # what FSDP does not run, and what would
+    (["trainer.strategy=fsdp", "optimizer=muon"], "optimizer.name=muon does not run under trainer.strategy=fsdp"),
+    (["trainer.strategy=fsdp", "trainer.compile=true"], "trainer.compile=true is not supported with"),
+    (["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision=fp16 is not supported with"),
 ]
 
 
@@ -128,6 +132,16 @@ def test_bad_train_config(args, expect, tiny_run: Path, capsys, monkeypatch):
     before = snapshot(tiny_run)
     check_bad_input("train", *args, f"hydra.run.dir={tiny_run}", expect=expect, capsys=capsys, monkeypatch=monkeypatch)
     assert unchanged(tiny_run, before)  # an existing run dir is not touched
+
+
+def test_accelerate_fsdp_plugin_is_refused(tiny_run: Path, capsys, monkeypatch):
+    """A launch config with distributed_type: FSDP would hand the model to Accelerate's plugin, which XLab does not
+    use (it shards the model itself: xlab/parallel.py)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    before = snapshot(tiny_run)
+    fails_in_one_line_in_process("train", f"hydra.run.dir={tiny_run}", expect="ACCELERATE_USE_FSDP=true",
+                                 capsys=capsys, monkeypatch=monkeypatch)
+    assert unchanged(tiny_run, before)
 
 
 def test_corpus_smaller_than_one_window(tmp_path: Path):

@@ -1,82 +1,194 @@
-"""Two CPU processes under torchrun (gloo): same data and curve as one process with the same global batch, one run
-dir, identical weights across ranks, and a checkpoint that resumes and evaluates in a single process."""
+"""Two CPU processes under torchrun (gloo), DDP and FSDP: same data and curve as one process with the same global
+batch, one run dir, identical weights across DDP ranks, FSDP's curve equal to DDP's with a fraction of the memory,
+and checkpoints that resume (bitwise, after a SIGKILL), change world size and load in every command."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, run_cli
+from safetensors.torch import load_file
 
-COMMON = [*TINY, "trainer.precision=fp32", "trainer.log_every=2", "trainer.eval_every=3", "trainer.ckpt_every=3",
-          "trainer.eval_batches=2", "scheduler=constant", "scheduler.warmup_steps=2"]  # lr independent of max_steps
+STEPS = 24
+COMMON = [*TINY, "trainer.precision=fp32", "trainer.log_every=2", "trainer.eval_every=8", "trainer.ckpt_every=8",
+          "trainer.eval_batches=2", "scheduler=constant", "scheduler.warmup_steps=2",  # lr independent of max_steps
+          f"trainer.max_steps={STEPS}"]
+TWO_RANKS = [*COMMON, "trainer.batch_size=4"]  # the global batch of one process with batch_size=8
+FSDP = [*TWO_RANKS, "trainer.strategy=fsdp"]
+
+
+def torchrun(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlab.train",
+                           *args], cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def records(run: Path, key: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+
+def wait_for_lock(run: Path, timeout: float = 30) -> None:
+    from xlab.fsio import try_lock
+
+    deadline = time.monotonic() + timeout
+    while (f := try_lock(run / ".lock")) is None:
+        assert time.monotonic() < deadline, f"{run} stays locked"
+        time.sleep(0.1)
+    f.close()
+
+
+def memory(log: str) -> dict[str, float]:
+    m = re.search(r"memory per rank \(\w+, 2 rank\(s\)\): parameters ([\d.]+) MB, gradients ([\d.]+) MB, "
+                  r"optimizer state ([\d.]+) MB", log)
+    assert m, log
+    return dict(zip(("parameters", "gradients", "optimizer_state"), map(float, m.groups())))
+
+
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     cwd = tmp_path_factory.mktemp("torchrun")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlab.train", *COMMON,
-         "trainer.batch_size=4", "trainer.max_steps=6"],
-        cwd=cwd, capture_output=True, text=True, env=os.environ.copy(), timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = torchrun(*TWO_RANKS, cwd=cwd)
     assert "2 process(es) on cpu; global batch 8 sequences" in proc.stdout + proc.stderr
     runs = list(cwd.glob("outputs/*/*"))
     assert len(runs) == 1, runs  # both ranks resolved the same default run dir
-    return runs[0]
+    return runs[0], proc.stdout + proc.stderr
 
 
-def test_two_processes_follow_the_one_process_curve(two_process_run: Path, tmp_path: Path):
-    single = tmp_path / "single"
-    run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.max_steps=6", f"hydra.run.dir={single}")
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run = tmp_path_factory.mktemp("fsdp")
+    proc = torchrun(*FSDP, f"hydra.run.dir={run}")
+    return run, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("single")
+    run_cli("train", *COMMON, "trainer.batch_size=8", f"hydra.run.dir={run}")
+    return run
+
+
+def test_two_processes_follow_the_one_process_curve(ddp_run, single_run: Path):
     for key in ("train/loss", "val/loss"):
-        ours, ref = records(two_process_run, key), records(single, key)
+        ours, ref = records(ddp_run[0], key), records(single_run, key)
         assert [r["step"] for r in ours] == [r["step"] for r in ref]
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], abs=1e-4)
-    assert [r["tokens"] for r in records(two_process_run, "train/loss")] == [1024, 2048, 3072]
+    assert [r["tokens"] for r in records(ddp_run[0], "train/loss")][:3] == [1024, 2048, 3072]
 
 
-def test_one_metrics_file_identical_weights_on_both_ranks(two_process_run: Path):
-    assert sorted(p.name for p in two_process_run.rglob("metrics.jsonl")) == ["metrics.jsonl"]
-    lines = (two_process_run / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len(set(lines)) == 5  # 3 train + 2 eval lines, written once (rank 0)
-    state = json.loads((two_process_run / "checkpoints" / "last" / "state.json").read_text())
+def test_one_metrics_file_identical_weights_on_both_ranks(ddp_run):
+    run = ddp_run[0]
+    assert sorted(p.name for p in run.rglob("metrics.jsonl")) == ["metrics.jsonl"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == STEPS // 2 + STEPS // 8  # train + eval lines, written once (rank 0)
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
     sums = state["rank_weight_checksums"]
-    assert len(sums) == 2 and sums[0] == sums[1]
-    ckpt = two_process_run / "checkpoints" / "last"
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
+    assert len(sums) == 2 and sums[0] == sums[1] == state["weight_checksum"]
+    ckpt = run / "checkpoints" / "last"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= {p.name for p in ckpt.iterdir()}
 
 
-def test_two_process_checkpoint_resumes_and_evaluates_in_one_process(two_process_run: Path, tmp_path: Path):
-    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    ckpt = two_process_run / "checkpoints" / "last"
-    run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.max_steps=8", f"resume={ckpt}",
+def test_two_process_checkpoint_resumes_and_evaluates_in_one_process(ddp_run, single_run: Path, tmp_path: Path):
+    resumed = tmp_path / "resumed"
+    run_cli("train", *COMMON, "trainer.batch_size=8", f"resume={ddp_run[0] / 'checkpoints' / 'step_000016'}",
             f"hydra.run.dir={resumed}")
-    run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.max_steps=8", f"hydra.run.dir={straight}")
-    assert records(resumed, "val/loss")[-1]["val/loss"] == pytest.approx(records(straight, "val/loss")[-1]["val/loss"],
-                                                                         abs=1e-4)
+    final = records(single_run, "val/loss")[-1]["val/loss"]
+    assert records(resumed, "val/loss")[-1]["val/loss"] == pytest.approx(final, abs=1e-4)
     out = run_cli("evaluate", f"ckpt={resumed / 'checkpoints' / 'last'}", "max_batches=2").stdout
     assert "loss" in out and json.loads((resumed / "checkpoints" / "last" / "eval_val.json").read_text())["tokens"]
 
 
-def test_two_process_checkpoint_resumes_in_two_processes(two_process_run: Path, tmp_path: Path):
-    straight = tmp_path / "straight"
-    run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.max_steps=8", f"hydra.run.dir={straight}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlab.train", *COMMON,
-         "trainer.batch_size=4", "trainer.max_steps=8", f"resume={two_process_run / 'checkpoints' / 'last'}",
-         f"hydra.run.dir={tmp_path / 'resumed'}"],
-        capture_output=True, text=True, env=os.environ.copy(), timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert records(tmp_path / "resumed", "val/loss")[-1]["val/loss"] == pytest.approx(
-        records(straight, "val/loss")[-1]["val/loss"], abs=1e-4)
+def test_two_process_checkpoint_resumes_in_two_processes(ddp_run, single_run: Path, tmp_path: Path):
+    torchrun(*TWO_RANKS, f"resume={ddp_run[0] / 'checkpoints' / 'step_000016'}", f"hydra.run.dir={tmp_path}")
+    assert records(tmp_path, "val/loss")[-1]["val/loss"] == pytest.approx(
+        records(single_run, "val/loss")[-1]["val/loss"], abs=1e-5)
+
+
+def test_fsdp_follows_ddp_in_half_the_memory(fsdp_run, ddp_run):
+    """fp32, same global batch: FSDP's curve is DDP's; each rank holds half of the parameters, gradients and
+    optimizer state; the checksum of the shards is the checksum of the consolidated weights."""
+    for key in ("train/loss", "val/loss"):
+        ours, ref = records(fsdp_run[0], key), records(ddp_run[0], key)
+        assert [r["step"] for r in ours] == [r["step"] for r in ref] and len(ours) >= 3
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], abs=1e-5)
+    sharded, full = memory(fsdp_run[1]), memory(ddp_run[1])
+    params = sum(t.numel() * t.element_size() for t in weights(ddp_run[0]).values()) / 2**20
+    assert full["parameters"] == full["gradients"] == pytest.approx(params, abs=1e-3)  # the whole model, fp32
+    assert full["optimizer_state"] == pytest.approx(2 * params, abs=2e-3)  # AdamW: two moments
+    for kind in full:
+        assert sharded[kind] == pytest.approx(full[kind] / 2, rel=0.05)  # ~1/N: uneven rows pad a shard
+    state = json.loads((fsdp_run[0] / "checkpoints" / "last" / "state.json").read_text())
+    shards = state["rank_weight_checksums"]
+    assert len(shards) == 2 and shards[0] != shards[1]
+    consolidated = sum(t.double().sum().item() for t in weights(fsdp_run[0]).values())
+    assert state["weight_checksum"] == pytest.approx(consolidated, rel=1e-9)
+    assert sorted(weights(fsdp_run[0])) == sorted(weights(ddp_run[0]))  # one layout for both strategies
+
+
+def test_fsdp_resumes_bitwise_after_a_sigkill_in_a_save(fsdp_run, tmp_path: Path):
+    """Killed (every process, SIGKILL) inside the save of step 16: `last` stays on step 8, and resume=auto on the
+    same world size reproduces the uninterrupted run's weights bit for bit."""
+    env = {**os.environ, "XLAB_TEST_SAVE_PAUSE": "16:120"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                             "xlab.train", *FSDP, f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    pids = []  # torchrun starts each rank in a session of its own: kill the ranks, then torchrun
+    try:
+        for line in proc.stdout:
+            if m := re.search(r"pausing inside the save .* pid (\d+)\)", line):
+                pids.append(int(m.group(1)))
+                if len(pids) == 2:
+                    break
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    wait_for_lock(tmp_path)  # a killed rank exits a moment after the signal
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "last").resolve().name == "step_000008" and not (ckpts / "step_000016").exists()
+    assert {"sharded", "model.safetensors", "scheduler.bin"} <= {p.name for p in (ckpts / "last").iterdir()}
+    torchrun(*FSDP, "resume=auto", f"hydra.run.dir={tmp_path}")
+    a, b = weights(fsdp_run[0]), weights(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_checkpoint_resumes_on_one_rank_and_loads_everywhere(fsdp_run, tmp_path: Path):
+    """Another world size (DCP reshards), evaluate / generate / export, and transformers on the export."""
+    run = fsdp_run[0]
+    run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.strategy=fsdp",
+            f"resume={run / 'checkpoints' / 'step_000016'}", f"hydra.run.dir={tmp_path / 'one'}")
+    assert records(tmp_path / "one", "val/loss")[-1]["val/loss"] == pytest.approx(
+        records(run, "val/loss")[-1]["val/loss"], abs=1e-4)
+    ckpt = run / "checkpoints" / "best"
+    assert "bits per byte" in run_cli("evaluate", f"ckpt={ckpt}", "max_batches=2").stdout
+    assert run_cli("generate", f"ckpt={ckpt}", "prompt=The", "max_new_tokens=4").stdout.strip()
+    run_cli("export", f"ckpt={ckpt}", f"out={tmp_path / 'hf'}", "format=hf")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_a_checkpoint_resumes_only_under_its_strategy(fsdp_run, ddp_run, tmp_path: Path):
+    for ckpt, strategy, saved in ((fsdp_run[0], "ddp", "an FSDP run"), (ddp_run[0], "fsdp", "a DDP run")):
+        proc = run_cli("train", *COMMON, f"trainer.strategy={strategy}", f"resume={ckpt / 'checkpoints' / 'last'}",
+                       f"hydra.run.dir={tmp_path / strategy}", check=False)
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"saved by {saved}" in errors[0] and f"trainer.strategy={strategy}" in errors[0]
+        assert not (tmp_path / strategy / "checkpoints").exists()

@@ -3,6 +3,7 @@
 A training checkpoint `<run>/checkpoints/step_NNNNNN/` holds
     model.safetensors   weights of the unwrapped, uncompiled model (safetensors: loading runs no code)
     optimizer.bin, scheduler.bin, random_states_<rank>.pkl[, scaler.pt]   Accelerate's save_state
+    sharded/            FSDP runs: model and optimizer shards (torch.distributed.checkpoint) instead of optimizer.bin
     config.yaml         the run's full resolved config
     tokenizer.json      the tokenizer the model was trained with
     state.json          step, tokens seen, data sampler state
@@ -25,7 +26,7 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from omegaconf import OmegaConf
@@ -44,6 +45,7 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 STATE = "state.json"
 EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG)
+SHARDED_DIR = "sharded"  # FSDP runs: model and optimizer shards (torch.distributed.checkpoint)
 # What xlab.evaluate and xlab.generate write into a checkpoint: replaced on write (fsio.write_file), never read, so a
 # symlink there is no reason to refuse the checkpoint.
 OUTPUTS = ("eval_*.json", "samples_*.jsonl", "samples_*.md")
@@ -148,11 +150,17 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Save a full state dict of `model` as safetensors, storing tied weights once (as save_model would)."""
-    from safetensors.torch import _remove_duplicate_names, save_file
+    """Save a full state dict of `model` (e.g. gathered from FSDP shards) as safetensors, storing each tied weight
+    once under the name save_model keeps (the first in sorted order), so the file is laid out as save_weights'."""
+    from collections import defaultdict
 
-    for names in _remove_duplicate_names(model.state_dict()).values():
-        for name in names:
+    from safetensors.torch import save_file
+
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+    for tied in names.values():
+        for name in sorted(tied)[1:]:
             state.pop(name, None)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
@@ -164,7 +172,8 @@ RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attn_dropout", "z_loss", "attn_imp
 
 
 def check_resume_config(ckpt: Path, config: dict) -> None:
-    """Refuse to resume into a model whose weights would mean something else, naming each changed key. A key the
+    """Refuse to resume into a model whose weights would mean something else, naming each changed key, or under the
+    other strategy (a DDP checkpoint holds full optimizer state, an FSDP one shards of it). A key the
     checkpoint's config lacks (written before the key existed) counts as its default, which is the old behaviour.
     (Training settings such as max_steps, lr or eval cadence may change.) Then the state files are checked, so that
     xlab.train refuses a damaged checkpoint before Hydra writes into the run dir."""
@@ -175,19 +184,40 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
              if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
     if diffs:
         raise XLabError(f"cannot resume from {ckpt}: the model config changed: {', '.join(diffs)}")
+    check_strategy(ckpt, str(config.get("trainer", {}).get("strategy", "ddp")))
     check_state_files(ckpt, config)
+
+
+def check_strategy(ckpt: Path, strategy: str) -> None:
+    """A checkpoint resumes under the strategy that wrote it (on any number of ranks), or a one-line error."""
+    sharded = (ckpt / SHARDED_DIR).is_dir()
+    if sharded and strategy != "fsdp":
+        raise XLabError(f"cannot resume from {ckpt} with trainer.strategy={strategy}: it was saved by an FSDP run "
+                        f"({SHARDED_DIR}/ holds its sharded state); resume it with trainer.strategy=fsdp")
+    if not sharded and strategy == "fsdp":
+        raise XLabError(f"cannot resume from {ckpt} with trainer.strategy=fsdp: it was saved by a DDP run (no "
+                        f"{SHARDED_DIR}/ directory); resume it with trainer.strategy=ddp")
+
+
+class ShardedState(Protocol):
+    """Model and optimizer state that every rank saves and loads together (FSDP: xlab.parallel.ShardedState)."""
+
+    def save(self, directory: Path, weights_file: Path) -> None: ...
+
+    def load(self, ckpt: Path) -> None: ...
 
 
 class Checkpointer:
     """Writes `<run>/checkpoints/step_NNNNNN/` atomically and keeps `last` on the newest complete one.
 
     Collective: every rank calls save(). Accelerate's save_state writes optimizer, scheduler and RNG states; the
-    hooks below route the weights through our own safetensors file of the unwrapped model."""
+    hooks below route the weights through our own safetensors file of the unwrapped model. Under FSDP, `sharded`
+    (xlab.parallel.ShardedState) writes model and optimizer instead."""
 
     def __init__(self, accelerator: Accelerator, root: Path, config: dict, tokenizer_path: Path,
-                 keep_last: int | None = None) -> None:
+                 keep_last: int | None = None, sharded: ShardedState | None = None) -> None:
         self.accelerator, self.root, self.config = accelerator, Path(root), config
-        self.tokenizer_path, self.keep_last = Path(tokenizer_path), keep_last
+        self.tokenizer_path, self.keep_last, self.sharded = Path(tokenizer_path), keep_last, sharded
 
     @staticmethod
     def register_hooks(accelerator: Accelerator) -> None:
@@ -209,6 +239,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
+            if self.sharded is not None:
+                self.sharded.save(tmp, tmp / WEIGHTS)
             if acc.is_main_process:
                 (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
                 shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
@@ -251,18 +283,8 @@ class Checkpointer:
 
 def _save_hook(accelerator: Accelerator):
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        from accelerate.utils import DistributedType
-
-        for model in models:
-            if accelerator.distributed_type == DistributedType.FSDP:
-                # Parameters are sharded across ranks: gather a full copy (a collective) for the safetensors file.
-                # Accelerate also writes its sharded copy, which resume reads (and reshards to another world size).
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-                if accelerator.is_main_process:
-                    save_state_dict(accelerator.unwrap_model(model), full, Path(output_dir) / WEIGHTS)
-            elif accelerator.is_main_process:
+        for model in models:  # an FSDP model is not Accelerate's: xlab.parallel.ShardedState saves it
+            if accelerator.is_main_process:
                 save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), Path(output_dir) / WEIGHTS)
         weights.clear()
 
@@ -273,7 +295,7 @@ def _load_hook(accelerator: Accelerator):
     def load_hook(models: list, input_dir: str) -> None:
         from safetensors.torch import load_model as load_safetensors
 
-        for model in models:  # FSDP models never get here: Accelerate loads its sharded copy itself
+        for model in models:  # an FSDP model is not Accelerate's: xlab.parallel.ShardedState loads it
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # not "cpu:0"
             load_safetensors(unwrapped, str(contained(input_dir, WEIGHTS)), device=device)
@@ -286,7 +308,7 @@ def _test_pause(step: int, tmp: Path) -> None:
     """Test hook XLAB_TEST_SAVE_PAUSE="STEP[,STEP...]:SECONDS": a window to kill or signal a save in."""
     pause = os.environ.get("XLAB_TEST_SAVE_PAUSE", "")
     if pause and step in {int(s) for s in pause.split(":")[0].split(",")}:
-        print(f"pausing inside the save of {tmp}", flush=True)
+        print(f"pausing inside the save of {tmp} (rank {os.environ.get('RANK', 0)}, pid {os.getpid()})", flush=True)
         time.sleep(float(pause.split(":")[1]))
 
 
@@ -334,9 +356,11 @@ def check_resumable(path: str | Path) -> dict:
     return state
 
 
-def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None) -> dict:
-    """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects; returns state.json.
-    With config["resume_rng"] false the RNGs keep their seeded state instead of the checkpoint's."""
+def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None,
+                        sharded: ShardedState | None = None) -> dict:
+    """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects (model and optimizer
+    through `sharded` under FSDP); returns state.json. With config["resume_rng"] false the RNGs keep their seeded
+    state instead of the checkpoint's."""
     from xlab import safeload
 
     ckpt = resolve_checkpoint(path)
@@ -353,6 +377,8 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
         safeload.current_rng_states()
     try:
         accelerator.load_state(str(ckpt))
+        if sharded is not None:
+            sharded.load(ckpt)
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met something that is not plain data
         reason = str(exc).strip().splitlines()[0]
         raise XLabError(f"refusing to load {ckpt}: a state file holds pickled objects, not plain data ({reason})") \

@@ -95,7 +95,7 @@ class EarlyStopping(Choice):
 
 class Strategy(Choice):
     ddp = "ddp"
-    fsdp = "fsdp"  # FSDP2 via Accelerate's plugin (CUDA GPUs)
+    fsdp = "fsdp"  # FSDP2 (fully_shard per Block), on CPU ranks (gloo) and GPUs alike: xlab/parallel.py
 
 
 class OnNan(Choice):
@@ -393,6 +393,8 @@ class TrainerConfig(Schema):
     log_every: int = 25
     compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
     strategy: Strategy = Strategy.ddp
+    fsdp_reshard_after_forward: bool = True  # free each Block's gathered weights after its forward (less memory,
+                                             # one more all-gather in backward); false keeps them (ZeRO-2 like)
     keep_last: int | None = None  # keep only the newest K step_* checkpoints; None = keep all
     keep_freed_memory: bool = True  # glibc keeps freed memory for reuse: ~20% faster CPU steps (xlab/runtime.py)
     on_nan: OnNan = OnNan.stop

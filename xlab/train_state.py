@@ -25,11 +25,13 @@ class TrainState:
     trackers: dict[str, str] = field(default_factory=dict)  # tracker run ids, so a resumed W&B run continues
     best: Best | None = None
     evals_since_best: int = 0  # evaluations since the best one (trainer.early_stop_patience)
-    rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save; equal on every rank
+    rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save: each rank's weights (DDP:
+    weight_checksum: float | None = None  # equal on every rank; FSDP: its shards) and the whole model's sum
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "sampler": self.sampler, "trackers": self.trackers, "rank_weight_checksums": self.rank_weight_checksums,
+                "weight_checksum": self.weight_checksum,
                 "best": None if self.best is None else asdict(self.best), "evals_since_best": self.evals_since_best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -39,6 +41,7 @@ class TrainState:
         self.sampler = dict(state.get("sampler", {}))
         self.trackers = dict(state.get("trackers") or {})
         self.rank_weight_checksums = list(state.get("rank_weight_checksums", []))
+        self.weight_checksum = state.get("weight_checksum")
         best = state.get("best")
         self.best = None if best is None else Best(**best)
         self.evals_since_best = int(state.get("evals_since_best", 0))

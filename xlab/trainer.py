@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from xlab import parallel
 from xlab.checkpoint import Checkpointer, load_training_state, newest_checkpoint, resolve_checkpoint
 from xlab.config import OnNan, Strategy, TrainConfig, to_container
 from xlab.data.datamodule import XLabDataModule
@@ -63,8 +64,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_optimizer_config(cfg.optimizer)
     check_scheduler_config(cfg.scheduler)
     check_logger_config(cfg.logger)
-    if cfg.trainer.strategy is Strategy.fsdp and not torch.cuda.is_available():
-        raise XLabError("trainer.strategy=fsdp needs CUDA GPUs (on CPU Accelerate runs DDP); use trainer.strategy=ddp")
+    parallel.check_strategy_config(cfg)
     if cfg.overwrite and cfg.resume is not None:
         raise XLabError(f"overwrite=true starts afresh but resume={cfg.resume} continues a run; give one of them")
 
@@ -102,16 +102,6 @@ def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
     return cfg, init
 
 
-def fsdp_plugin():
-    """FSDP2 through Accelerate: each transformer Block is sharded on its own, parameters regathered per forward."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
-        reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT",
-    )
-
-
 def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
@@ -126,7 +116,6 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the number of ranks
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
-        fsdp_plugin=fsdp_plugin() if t.strategy is Strategy.fsdp else None,
     )
 
 
@@ -184,9 +173,10 @@ class Trainer:
         self._build_model(init)
         self.state = TrainState()
         self.config_dict = to_container(OmegaConf.structured(self.cfg))
+        self.sharded = parallel.ShardedState(self.accelerator, self.model, self.optimizer) if self.fsdp else None
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir / "checkpoints", self.config_dict,
-                                         self.datamodule.tokenizer_path, self.t.keep_last)
-        self.saved_step = -1
+                                         self.datamodule.tokenizer_path, self.t.keep_last, self.sharded)
+        self.saved_step, self.report_memory = -1, True
         self._resume()
         self._start_logging()
 
@@ -226,10 +216,16 @@ class Trainer:
                                        devices=self.world):
                 log.info(line)
             warn_many_epochs(self.t.max_steps, self.tokens_per_step * self.world, self.train_tokens)
+        self.fsdp = self.t.strategy is Strategy.fsdp
+        if self.fsdp:  # sharded before the optimizer is built: it must hold the sharded parameters
+            model = parallel.shard_model(model, self.device, self.mixed_precision, self.t.fsdp_reshard_after_forward)
         optimizer = OPTIMIZERS.get(self.cfg.optimizer.name)(model, self.cfg.optimizer)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.t.max_steps)
         Checkpointer.register_hooks(self.accelerator)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if self.fsdp:  # Accelerate keeps the schedule (and RNGs); model and optimizer are xlab.parallel's
+            self.model, self.optimizer, self.scheduler = model, optimizer, self.accelerator.prepare(scheduler)
+        else:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.flops_per_token = self.accelerator.unwrap_model(self.model).flops_per_token()
         reduce = self._sum_over_ranks if self.world > 1 else None
         self.nan_guard = NanGuard(self.t.on_nan, self.optimizer, self.device, reduce)
@@ -239,7 +235,7 @@ class Trainer:
         path = resume_path(self.cfg.resume, self.checkpointer.root)
         if path is None:
             return
-        self.state.load_state_dict(load_training_state(self.accelerator, path, self.config_dict))
+        self.state.load_state_dict(load_training_state(self.accelerator, path, self.config_dict, self.sharded))
         self.sampler.load_state_dict(self.state.sampler)
         self.saved_step = self.state.step
         if self.main:
@@ -318,7 +314,12 @@ class Trainer:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss and gradient of one micro-batch; returns its (detached) objective."""
         with self.accelerator.accumulate(self.model):
-            objective, loss_sum, correct = self.model(x, targets=y)
+            if self.fsdp:  # Accelerate runs a model it prepared under autocast; this one it did not prepare
+                self.model.set_requires_gradient_sync(self.accelerator.sync_gradients)  # reduce at the last only
+                with self.accelerator.autocast():
+                    objective, loss_sum, correct = self.model(x, targets=y)
+            else:
+                objective, loss_sum, correct = self.model(x, targets=y)
             # backward() divides by grad_accum_steps; scaling by it here makes the step's gradient the mean over all
             # of its tokens rather than a mean of per-micro-batch means.
             self.accelerator.backward(objective * (self.t.grad_accum_steps / self.tokens_per_step))
@@ -329,9 +330,13 @@ class Trainer:
         """Clip, update unless the step is bad (trainer.on_nan), advance the schedule; (dropped, grad norm)."""
         grad_norm = None
         if self.t.grad_clip > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            grad_norm = parallel.full(self.accelerator.clip_grad_norm_(self.model.parameters(), self.t.grad_clip))
         dropped = self.nan_guard.check(self.state.step + 1, loss, grad_norm)
         self.nan_guard.step(dropped)
+        if self.report_memory and self.main:  # this process's first step: every state exists now
+            memory = parallel.memory_per_rank(self.model, self.optimizer)
+            log.info(parallel.memory_line(memory, self.t.strategy.value, self.world))
+            self.report_memory = False
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return dropped, grad_norm
@@ -388,12 +393,13 @@ class Trainer:
         checkpoints/best at it). Collective."""
         if name is None:
             self.check_nan()
-        # A checksum of the weights of every rank: DDP keeps them identical, and a mismatch means a broken run.
-        total = sum(p.detach().double().sum() for p in self.model.parameters())
-        sums = self.accelerator.gather(total.reshape(1)).tolist()
-        if self.main and len(set(sums)) > 1:
+        # A checksum of the weights each rank holds: DDP keeps them identical, and a mismatch means a broken run;
+        # FSDP ranks hold different shards, whose sum is the model's (the weights of model.safetensors).
+        sums = self.accelerator.gather(parallel.local_weight_sum(self.model).reshape(1)).tolist()
+        if self.main and not self.fsdp and len(set(sums)) > 1:
             log.warning("weights differ across ranks at step %d: checksums %s", self.state.step, sums)
         self.state.rank_weight_checksums = sums
+        self.state.weight_checksum = sum(sums) if self.fsdp else sums[0]
         self.state.sampler = self.sampler.state_dict()
         self.state.trackers = tracker_run_ids(self.accelerator)
         state = self.state.state_dict() if step is None else {**self.state.state_dict(), "step": step}
