@@ -139,31 +139,39 @@ def test_fsdp_follows_ddp_in_half_the_memory(fsdp_run, ddp_run):
     assert sorted(weights(fsdp_run[0])) == sorted(weights(ddp_run[0]))  # one layout for both strategies
 
 
-def test_fsdp_resumes_bitwise_after_a_sigkill_in_a_save(fsdp_run, tmp_path: Path):
-    """Killed (every process, SIGKILL) inside the save of step 16: `last` stays on step 8, and resume=auto on the
-    same world size reproduces the uninterrupted run's weights bit for bit."""
-    env = {**os.environ, "XLAB_TEST_SAVE_PAUSE": "16:120"}
+@pytest.mark.parametrize(("strategy", "sig"), [("ddp", "SIGKILL"), ("fsdp", "SIGKILL"), ("ddp", "SIGSTOP")])
+def test_a_lost_rank_ends_the_run_in_one_line_and_resume_is_bitwise(strategy, sig, ddp_run, fsdp_run, tmp_path):
+    """Rank 1 killed (or frozen: SIGSTOP) while both ranks are in the save of step 16: rank 0 exits non-zero within
+    seconds (a frozen rank: after trainer.collective_timeout_s), naming the lost rank and how to continue; `last`
+    stays on step 8, and resume=auto reproduces the uninterrupted run's weights bit for bit."""
+    args = [*TWO_RANKS, f"trainer.strategy={strategy}", "trainer.collective_timeout_s=5", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                             "xlab.train", *FSDP, f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    pids = []  # torchrun starts each rank in a session of its own: kill the ranks, then torchrun
+                             "xlab.train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "XLAB_TEST_SAVE_PAUSE": "16:3"}, start_new_session=True)
+    pid, error, lost_at = None, None, None
     try:
         for line in proc.stdout:
-            if m := re.search(r"pausing inside the save .* pid (\d+)\)", line):
-                pids.append(int(m.group(1)))
-                if len(pids) == 2:
-                    break
+            if pid is None and (m := re.search(r"pausing inside the save .*\(rank 1, pid (\d+)\)", line)):
+                pid, lost_at = int(m.group(1)), time.monotonic()
+                os.kill(pid, getattr(signal, sig))
+            elif line.startswith("error: "):
+                error, waited = line.strip(), time.monotonic() - lost_at
+                break
     finally:
-        for pid in pids:
+        if pid is not None and sig == "SIGSTOP":
             os.kill(pid, signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    wait_for_lock(tmp_path)  # a killed rank exits a moment after the signal
+        proc.wait(timeout=120)
+    assert error is not None and proc.returncode != 0
+    assert waited < 30  # bounded: the collective's timeout (5 s here; 600 by default), not torch's 30 minutes
+    assert "rank 0 of 2 lost rank 1" in error and "checkpoints/last is step_000008" in error
+    assert f"continue with resume=auto hydra.run.dir={tmp_path}" in error
+    wait_for_lock(tmp_path)
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "last").resolve().name == "step_000008" and not (ckpts / "step_000016").exists()
-    assert {"sharded", "model.safetensors", "scheduler.bin"} <= {p.name for p in (ckpts / "last").iterdir()}
-    torchrun(*FSDP, "resume=auto", f"hydra.run.dir={tmp_path}")
-    a, b = weights(fsdp_run[0]), weights(tmp_path)
+    if sig == "SIGSTOP":
+        return  # resuming is the same as after a kill
+    torchrun(*args[:-2], "resume=auto", f"hydra.run.dir={tmp_path}")
+    a, b = weights((fsdp_run if strategy == "fsdp" else ddp_run)[0]), weights(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -192,3 +200,62 @@ def test_a_checkpoint_resumes_only_under_its_strategy(fsdp_run, ddp_run, tmp_pat
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"saved by {saved}" in errors[0] and f"trainer.strategy={strategy}" in errors[0]
         assert not (tmp_path / strategy / "checkpoints").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_nodes(commands: list[list[str]], envs: list[dict], cwd: Path | None = None) -> list[str]:
+    """Start one process per "node" at once (each waits at the rendezvous for the other); their outputs."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in zip(commands, envs)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    return outs
+
+
+def test_two_nodes_on_one_machine_are_one_run_and_resume(ddp_run, tmp_path: Path):
+    """Two torchrun launches as node 0 and node 1 (c10d rendezvous on 127.0.0.1, one rank each): one run dir, one
+    metrics file, one checkpoint writer; 16 steps, then resume=auto to 24: the curve of one 2-process launch."""
+    def nodes(*args: str) -> list[str]:
+        endpoint = f"127.0.0.1:{free_port()}"
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                 "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "xlab",
+                 "-m", "xlab.train", *TWO_RANKS, *args, f"hydra.run.dir={tmp_path}"] for rank in (0, 1)]
+        return launch_nodes(cmds, [os.environ.copy()] * 2)
+
+    first = nodes("trainer.max_steps=16")
+    assert sum("2 process(es) on cpu; global batch 8 sequences" in out for out in first) == 1  # rank 0 speaks
+    assert sum("checkpoint: " in out for out in first) == 1  # and only it writes
+    resumed = nodes("resume=auto")
+    assert sum("resumed from" in out and "at step 16" in out for out in resumed) == 1
+    assert sorted(p.name for p in tmp_path.rglob("metrics.jsonl")) == ["metrics.jsonl"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == STEPS // 2 + STEPS // 8
+    for key in ("train/loss", "val/loss"):
+        ours, ref = records(tmp_path, key), records(ddp_run[0], key)
+        assert [r["step"] for r in ours] == [r["step"] for r in ref]
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], abs=1e-5)
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == STEPS and len(state["rank_weight_checksums"]) == 2
+
+
+def test_slurm_tasks_are_one_distributed_run(ddp_run, tmp_path: Path):
+    """What hydra/launcher=slurm starts: one plain `python -m xlab.train` per SLURM task, no torchrun; XLab's
+    submitit callback (xlab/sweep.py) turns SLURM's variables into torch.distributed's. Two tasks on two "nodes"
+    that are this machine give the curve of one 2-process launch."""
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(30000 + os.getpid() % 20000), "SLURM_NTASKS": "2",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,localhost", "SLURM_LOCALID": "0"}
+    envs = [{**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)} for rank in (0, 1)]
+    cmd = [sys.executable, "-m", "xlab.train", *TWO_RANKS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"]
+    outs = launch_nodes([cmd, cmd], envs)
+    assert any("submitit task 0 of 2: torch.distributed via localhost" in out for out in outs), outs[0]
+    for key in ("train/loss", "val/loss"):
+        ours, ref = records(tmp_path, key), [r for r in records(ddp_run[0], key) if r["step"] <= 8]
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], abs=1e-5) and ours

@@ -115,22 +115,31 @@ def test_accelerate_configs_load():
     assert (gpus.distributed_type, gpus.num_machines, gpus.num_processes) == ("MULTI_GPU", 1, 8)
 
 
-def test_sbatch_script_starts_torchrun_in_a_fixed_run_dir(tmp_path: Path):
-    """The script as SLURM would run it on one node, with srun and scontrol replaced: two CPU ranks, resume=auto."""
+def test_sbatch_script_on_two_nodes_is_one_run_in_a_fixed_run_dir(tmp_path: Path):
+    """The script as SLURM would run it on the two nodes of a job, both this machine, with srun and scontrol
+    replaced: the SLURM variables it reads give one torchrun per node meeting at the first node, one CPU rank each,
+    one run dir (resume=auto)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1" = show ] && printf "localhost\\nnode2\\n"\n')
     (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drops --kill-on-bad-exit=1
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "xlab",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost,node2", "GPUS_PER_NODE": "2",
+    job = str(4000 + os.getpid() % 1000)  # the script's port is 20000 + job id: no clash with a concurrent test
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "xlab",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,node2", "GPUS_PER_NODE": "1",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), *SWEEP_TINY],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rendezvous localhost:24242, run dir outputs/slurm/xlab-4242" in proc.stdout
-    last = tmp_path / "outputs" / "slurm" / "xlab-4242" / "checkpoints" / "last"
+    procs = [subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), *SWEEP_TINY], cwd=tmp_path,
+                              env={**env, "SLURM_NODEID": str(node)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(f"2 nodes x 1 GPUs, rendezvous localhost:{20000 + int(job)}, run dir outputs/slurm/xlab-{job}" in out
+               for out in outs)
+    run = tmp_path / "outputs" / "slurm" / f"xlab-{job}"
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.jsonl")] == [run.relative_to(tmp_path) /
+                                                                                  "metrics.jsonl"]
+    last = run / "checkpoints" / "last"
     assert json.loads((last / "state.json").read_text())["tokens"] == 2 * 8 * 64 * 2  # two ranks
     assert (last / "random_states_1.pkl").is_file()
 

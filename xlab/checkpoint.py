@@ -247,8 +247,8 @@ class Checkpointer:
                 (tmp / STATE).write_text(json.dumps(state, indent=2))
         except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a failed write as RuntimeError
             self._write_failed(tmp, final, exc)
+        _test_pause(step, tmp)  # each rank's files written, not yet known to be complete on every rank
         acc.wait_for_everyone()
-        _test_pause(step, tmp)
         if acc.is_main_process:
             publish_dir(tmp, final, replace=True)
             if name is None:

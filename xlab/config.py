@@ -396,6 +396,10 @@ class TrainerConfig(Schema):
     fsdp_reshard_after_forward: bool = True  # free each Block's gathered weights after its forward (less memory,
                                              # one more all-gather in backward); false keeps them (ZeRO-2 like)
     keep_last: int | None = None  # keep only the newest K step_* checkpoints; None = keep all
+    # A collective (gradient reduction, a checkpoint's barrier) waiting longer than this on another rank ends the
+    # run with one line naming the lost rank (a dead rank is seen at once; this bounds a hung one). Long enough for
+    # rank 0 to build the data cache while the others wait, or raise it.
+    collective_timeout_s: float = 600.0
     keep_freed_memory: bool = True  # glibc keeps freed memory for reuse: ~20% faster CPU steps (xlab/runtime.py)
     on_nan: OnNan = OnNan.stop
     save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
@@ -416,6 +420,7 @@ class TrainerConfig(Schema):
         "keep_last": Range(1, note="(or null to keep every checkpoint)"),
         "early_stop_patience": Range(1, note="(or null: never stop early)"),
         "max_time_s": Range(0, lo_open=True, note="(or null: no time limit)"),
+        "collective_timeout_s": POSITIVE,
     }
 
 

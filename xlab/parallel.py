@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,6 +120,33 @@ def memory_line(memory: dict[str, int], strategy: str, world: int) -> str:
     mb = {k: f"{v / 2**20:.3f} MB" for k, v in memory.items()}
     return (f"memory per rank ({strategy}, {world} rank(s)): parameters {mb['parameters']}, gradients "
             f"{mb['gradients']}, optimizer state {mb['optimizer_state']}")
+
+
+# How a collective reports a rank that died (gloo: its TCP pair closes) or stopped answering (the timeout).
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Socket Timeout",
+                 "gloo", "NCCL")
+
+
+@contextmanager
+def lost_rank_is_an_error(rank: int, world: int, ckpt_root: Path, run_dir: Path) -> Iterator[None]:
+    """A collective that fails because another rank died or hung (trainer.collective_timeout_s) ends this rank with
+    one line: which rank it lost, where the last complete checkpoint is and how to continue (saves are atomic, so
+    a save cut short is never `last`)."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except RuntimeError as exc:
+        message = str(exc)
+        if world < 2 or not (isinstance(exc, dist.DistError) or any(m in message for m in PEER_FAILURES)):
+            raise
+        lost = f"rank {1 - rank}" if world == 2 else "another rank"  # a collective's error names addresses only
+        last = ckpt_root / "last"
+        kept = f"checkpoints/last is {last.resolve().name}" if last.exists() else "no checkpoint was completed"
+        reason = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", " ".join(message.split()))  # gloo's source line
+        reason = reason.split(". ")[0][:200]
+        raise XLabError(f"rank {rank} of {world} lost {lost} ({reason}); {kept}; once every rank can run again, "
+                        f"continue with resume=auto hydra.run.dir={run_dir}") from None
 
 
 class ShardedState:

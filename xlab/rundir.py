@@ -26,7 +26,10 @@ _held: dict[Path, IO] = {}  # run dir → its open lock file: the lock lasts as 
 
 
 def is_rank_zero() -> bool:
-    """Rank 0 of a launch (torchrun, accelerate launch and XLab's submitit callback set RANK), or a lone process."""
+    """Rank 0 of a launch (torchrun, accelerate launch and XLab's submitit callback set RANK; in a SLURM task of
+    submitit, before that callback has run, SLURM_PROCID says it), or a lone process."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return os.environ.get("SLURM_PROCID", "0") == "0"
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -103,8 +103,10 @@ def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
 
 
 def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
 
     t = cfg.trainer
     trackers = [str(name) for name in cfg.logger.trackers]  # Accelerate's tracker names
@@ -116,6 +118,8 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the number of ranks
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
+        # a rank that stops answering ends the run after this long, not after torch's 10-30 minutes
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
     )
 
 
@@ -266,7 +270,9 @@ class Trainer:
         empty when a second stop signal skipped every evaluation, see guards.StopRequest)."""
         t, self.started, val = self.t, time.perf_counter(), {}
         bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.main, desc="train", dynamic_ncols=True)
-        with StopRequest() as stop:
+        lost_rank = parallel.lost_rank_is_an_error(self.accelerator.process_index, self.world, self.checkpointer.root,
+                                                   self.run_dir)
+        with StopRequest() as stop, lost_rank:
             try:
                 while True:
                     if self.state.step < t.max_steps and not (self.world == 1 and stop.hurried()):
