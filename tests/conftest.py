@@ -24,6 +24,13 @@ def offline_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
         XLAB_CACHE_DIR=str(cache), WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
         HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("hf_datasets")), TOKENIZERS_PARALLELISM="false",
     )
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # pytest-xdist: each worker, and the commands it starts, gets its share of the cores
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     return cache
 
 

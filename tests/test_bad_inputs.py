@@ -120,6 +120,7 @@ TRAIN_CASES = [
     (["data.split_fractions=[0.9,nan,0.05,0.05]"], "data.split_fractions=[0.9, nan, 0.05, 0.05] must be finite"),
     (["tokenizer.min_frequency=-1"], "tokenizer.min_frequency=-1 must be >= 0"),
     (["tokenizer.train_docs=0"], "tokenizer.train_docs=0 must be >= 1"),
+    (["trainer.compile=true", "trainer.compile_backend=nope"], "trainer.compile_backend='nope' is not a torch.compile"),
     # what FSDP does not run, and what would
     (["trainer.strategy=fsdp", "optimizer=muon"], "optimizer.name=muon does not run under trainer.strategy=fsdp"),
     (["trainer.strategy=fsdp", "trainer.compile=true"], "trainer.compile=true is not supported with"),

@@ -135,14 +135,14 @@ def test_small_data_regularization_follows_the_epoch_count():
     from xlab.trainer import regularize_small_data
 
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
-    cfg.optimizer.weight_decay = 0.1  # below the floor (the default, 1.0, is at it)
+    cfg.optimizer.weight_decay = 0.1  # below the floor
     assert regularize_small_data(cfg, epochs=7.5) == [] and cfg.model.dropout == 0.0
-    assert regularize_small_data(cfg, epochs=9.0) == ["model.dropout=0.1", "optimizer.weight_decay=1.0"]
-    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 1.0)
+    assert regularize_small_data(cfg, epochs=9.0) == ["model.dropout=0.1", "optimizer.weight_decay=2.0"]
+    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 2.0)
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
-    cfg.model.dropout, cfg.optimizer.weight_decay = 0.3, 2.0  # higher configured values are kept
+    cfg.model.dropout, cfg.optimizer.weight_decay = 0.3, 3.0  # higher configured values are kept
     assert regularize_small_data(cfg, epochs=9.0) == []
-    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.3, 2.0)
+    assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.3, 3.0)
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.trainer.small_data_regularization, cfg.optimizer.weight_decay = False, 0.1
     assert regularize_small_data(cfg, epochs=30.0) == [] and cfg.optimizer.weight_decay == 0.1
@@ -151,9 +151,9 @@ def test_small_data_regularization_follows_the_epoch_count():
 def test_small_data_regularization_is_logged_and_saved(tmp_path: Path):
     proc = run_cli("train", *SMALL, "trainer.max_steps=5000", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
     log = proc.stdout + proc.stderr
-    assert "small data (" in log and "training with model.dropout=0.1 (" in log  # weight decay: at the floor already
+    assert "small data (" in log and "training with model.dropout=0.1 optimizer.weight_decay=2.0 (" in log
     config = (tmp_path / "checkpoints" / "last" / "config.yaml").read_text()
-    assert "dropout: 0.1" in config and "weight_decay: 1.0" in config and "small_data_regularization: true" in config
+    assert "dropout: 0.1" in config and "weight_decay: 2.0" in config and "small_data_regularization: true" in config
     # max_time_s: the 5000-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
     state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
     assert 0 < state["step"] < 5000 and f"stopped at step {state['step']} of 5000" in log

@@ -40,8 +40,10 @@ def losses_on_repeated_batch(model: XLabModel, optimizer: torch.optim.Optimizer,
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_model_preset_learns_a_repeated_batch(preset):
+    """Each preset's block design at its width, one layer deep (a full gpt2_medium costs a minute here; the
+    presets' sizes are checked apart)."""
     torch.manual_seed(0)
-    model = XLabModel(128, **group_option("model", preset))
+    model = XLabModel(128, **{**group_option("model", preset), "n_layer": 1})
     optimizer = OPTIMIZERS.get("adamw")(model, OptimizerConfig(lr=1e-3))
     losses = losses_on_repeated_batch(model, optimizer, 4)
     assert all(map(torch.isfinite, torch.tensor(losses)))
@@ -140,7 +142,9 @@ def test_schedules_and_optimizers_run_in_the_trainer(name, tmp_path):
 def test_compiled_run_checkpoint_loads_into_an_uncompiled_model(tmp_path):
     from safetensors import safe_open
 
-    run_cli("train", *TINY, "trainer.compile=true", "trainer.max_steps=2", "trainer.eval_batches=1",
+    # aot_eager: the same compiled module (and `_orig_mod.` names) as inductor, without a minute of code generation
+    run_cli("train", *TINY, "trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.max_steps=2",
+            "trainer.eval_batches=1",
             f"hydra.run.dir={tmp_path}")
     ckpt = tmp_path / "checkpoints" / "last"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:

@@ -24,11 +24,12 @@ COMMON = [*TINY, "trainer.precision=fp32", "trainer.log_every=2", "trainer.eval_
           f"trainer.max_steps={STEPS}"]
 TWO_RANKS = [*COMMON, "trainer.batch_size=4"]  # the global batch of one process with batch_size=8
 FSDP = [*TWO_RANKS, "trainer.strategy=fsdp"]
+# --standalone: a free rendezvous port, so that launches of concurrent test workers do not meet
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "xlab.train"]
 
 
-def torchrun(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlab.train",
-                           *args], cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=600)
+def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*TORCHRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -145,8 +146,7 @@ def test_a_lost_rank_ends_the_run_in_one_line_and_resume_is_bitwise(strategy, si
     seconds (a frozen rank: after trainer.collective_timeout_s), naming the lost rank and how to continue; `last`
     stays on step 8, and resume=auto reproduces the uninterrupted run's weights bit for bit."""
     args = [*TWO_RANKS, f"trainer.strategy={strategy}", "trainer.collective_timeout_s=5", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                             "xlab.train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([*TORCHRUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "XLAB_TEST_SAVE_PAUSE": "16:3"}, start_new_session=True)
     pid, error, lost_at = None, None, None
     try:

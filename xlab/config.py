@@ -392,6 +392,7 @@ class TrainerConfig(Schema):
     ckpt_every: int = 600
     log_every: int = 25
     compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor (fast code), aot_eager (debugging), ...
     strategy: Strategy = Strategy.ddp
     fsdp_reshard_after_forward: bool = True  # free each Block's gathered weights after its forward (less memory,
                                              # one more all-gather in backward); false keeps them (ZeRO-2 like)
@@ -405,7 +406,7 @@ class TrainerConfig(Schema):
     save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
     early_stop_patience: int | None = None  # stop after this many evaluations without a new best val loss
     # A run of more than SMALL_DATA_EPOCHS (8) epochs (xlab/trainer.py) trains with model.dropout >= 0.1 and
-    # optimizer.weight_decay >= 1.0, logged at start: measured to pay on small corpora (BENCHMARKS.md)
+    # optimizer.weight_decay >= 2.0, logged at start: measured to pay on small corpora (BENCHMARKS.md)
     small_data_regularization: bool = True
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
                                      # max_steps. For probes and hard budgets; equal-time comparisons set max_steps
