@@ -28,10 +28,12 @@ from xlab.errors import XLabError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from xlab.config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 
-def check_strategy_config(cfg) -> None:
+def check_strategy_config(cfg: TrainConfig) -> None:
     """What XLab's FSDP does not run (yet), and Accelerate's FSDP plugin, refused before any work, each with what
     would run."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -90,7 +92,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def full(t: torch.Tensor | None) -> torch.Tensor | None:
+def full(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor result (a collective), e.g. FSDP's gradient norm; plain tensors pass."""
     from torch.distributed.tensor import DTensor
 

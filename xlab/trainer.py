@@ -344,7 +344,9 @@ class Trainer:
         """Clip, update unless the step is bad (trainer.on_nan), advance the schedule; (dropped, grad norm)."""
         grad_norm = None
         if self.t.grad_clip > 0:
-            grad_norm = parallel.full(self.accelerator.clip_grad_norm_(self.model.parameters(), self.t.grad_clip))
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            if self.fsdp:  # the norm of sharded gradients is a DTensor: its value is a collective
+                grad_norm = parallel.full(grad_norm)
         dropped = self.nan_guard.check(self.state.step + 1, loss, grad_norm)
         self.nan_guard.step(dropped)
         if self.report_memory and self.main:  # this process's first step: every state exists now
