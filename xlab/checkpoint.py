@@ -66,7 +66,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def check_links(ckpt: Path) -> None:
-    """Refuse a checkpoint holding a symlink that leads out of it, at any depth (Accelerate's sharded FSDP state is a
+    """Refuse a checkpoint holding a symlink that leads out of it, at any depth (an FSDP run's sharded/ state is a
     subdirectory), naming the link; links between its own files are fine."""
     for root, dirs, files in os.walk(ckpt):  # a linked directory is listed, not entered
         for name in dirs + files:

@@ -1,11 +1,11 @@
 """Reading a checkpoint's state files without trusting them: plain data only, each problem refused by file name.
 
 Accelerate reads optimizer.bin, scheduler.bin, scaler.pt and random_states_<rank>.pkl with
-torch.load(weights_only=True), but it swallows every error of the RNG file (logged at a level XLab hides), and a
-sharded FSDP state (torch.distributed.checkpoint) is read with plain pickle: its `.metadata` and its non-tensor
-items could run code. So before Accelerate loads anything, each file is read here as plain data (tensors
-memory-mapped, not copied), DCP metadata through an allow-list of the classes DCP writes; and the RNG states are
-restored here, loudly.
+torch.load(weights_only=True), but it swallows every error of the RNG file (logged at a level XLab hides), and an
+FSDP run's sharded state (torch.distributed.checkpoint, xlab/parallel.py) is read with plain pickle: its
+`.metadata` and its non-tensor items could run code. So before anything is loaded, each file is read here as
+plain data (tensors memory-mapped, not copied), DCP metadata through an allow-list of the classes DCP writes; and
+the RNG states are restored here, loudly.
 """
 
 from __future__ import annotations
