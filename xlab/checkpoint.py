@@ -191,12 +191,11 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
 def check_strategy(ckpt: Path, strategy: str) -> None:
     """A checkpoint resumes under the strategy that wrote it (on any number of ranks), or a one-line error."""
     sharded = (ckpt / SHARDED_DIR).is_dir()
-    if sharded and strategy != "fsdp":
-        raise XLabError(f"cannot resume from {ckpt} with trainer.strategy={strategy}: it was saved by an FSDP run "
-                        f"({SHARDED_DIR}/ holds its sharded state); resume it with trainer.strategy=fsdp")
-    if not sharded and strategy == "fsdp":
-        raise XLabError(f"cannot resume from {ckpt} with trainer.strategy=fsdp: it was saved by a DDP run (no "
-                        f"{SHARDED_DIR}/ directory); resume it with trainer.strategy=ddp")
+    saved = "fsdp" if sharded else "ddp"
+    if (strategy == "fsdp") != sharded:
+        held = f"{SHARDED_DIR}/ holds its sharded state" if sharded else f"no {SHARDED_DIR}/ directory"
+        raise XLabError(f"cannot resume from {ckpt} with trainer.strategy={strategy}: it was saved by "
+                        f"{'an FSDP' if sharded else 'a DDP'} run ({held}); resume it with trainer.strategy={saved}")
 
 
 class ShardedState(Protocol):
