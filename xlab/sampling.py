@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from xlab.config import EarlyStopping, SamplerConfig
+from xlab.decoding import DecodeOptions, StaticStepper
 from xlab.errors import XLabError
 from xlab.models.transformer import KVCache, XLabModel
 from xlab.registry import Registry
@@ -121,6 +122,14 @@ class Stepper:
         self.cache.reorder(rows)
 
 
+def make_stepper(model: XLabModel, mask: torch.Tensor, max_new_tokens: int,
+                 decoding: DecodeOptions | None) -> Stepper | StaticStepper:
+    """The static-cache stepper (xlab/decoding.py) unless decoding.static is off; None = the dynamic cache."""
+    if decoding is None or not decoding.static:
+        return Stepper(model, mask)
+    return StaticStepper(model, mask, mask.shape[1] + max_new_tokens, decoding)
+
+
 # --- token-by-token decoding --------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -128,13 +137,14 @@ def decode_tokens(
     model: XLabModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplerConfig,
     max_new_tokens: int, eos: list[int], generator: torch.Generator | None = None, sampling: bool = True,
     is_done: Callable[[int, list[int]], bool] | None = None, on_token: Callable[[int, int], None] | None = None,
+    decoding: DecodeOptions | None = None,
 ) -> list[Sequence]:
     """Greedy (sampling=False or temperature 0) or sampled decoding of every row; a row stops at eos or when
     is_done(row, tokens) says so (stop strings). on_token(row, id) sees each token as it is chosen (streaming)."""
     sampling = sampling and cfg.temperature > 0
     b = input_ids.shape[0]
     seqs, mask = input_ids, attention_mask
-    step = Stepper(model, mask)
+    step = make_stepper(model, mask, max_new_tokens, decoding)
     out: list[list[int]] = [[] for _ in range(b)]
     finished = [False] * b
     eos_set = set(eos)
@@ -289,14 +299,15 @@ class _BeamSearch:
 @torch.no_grad()
 def beam_search(
     model: XLabModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplerConfig,
-    max_new_tokens: int, eos: list[int], generator: torch.Generator | None = None, **_: object,
+    max_new_tokens: int, eos: list[int], generator: torch.Generator | None = None,
+    decoding: DecodeOptions | None = None, **_: object,
 ) -> list[Sequence]:
     """Beam search with length_penalty, early_stopping (True | False | "never") and num_return_sequences,
     following transformers' GenerationMixin._beam_search step for step, so results match theirs."""
     search = _BeamSearch.start(input_ids, cfg, max_new_tokens, eos)
     b, prompt_len = input_ids.shape
     flat_mask = attention_mask.repeat_interleave(cfg.num_beams, dim=0)
-    step = Stepper(model, flat_mask)
+    step = make_stepper(model, flat_mask, max_new_tokens, decoding)
     cur = prompt_len  # columns filled so far
     while True:
         flat = search.running[:, :, :cur].reshape(b * cfg.num_beams, cur)

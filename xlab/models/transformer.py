@@ -134,7 +134,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, pos: Positions, rot: Any,
-        cache: KVCache | None = None, mask: torch.Tensor | None = None,
+        cache: KVCache | StaticKVCache | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, kv_dim, kv_dim], dim=-1)
@@ -185,6 +185,64 @@ class KVCache:
         """Keep/duplicate batch rows (beam search: the beams that survive a step)."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
+
+
+class StaticKVCache:
+    """A KV cache of fixed shape (batch, heads, size, head_dim) whose state lives in tensors only: the next slot to
+    write, each row's next position and which slots hold real tokens. A forward over it has the same shapes at
+    every decoding step, so torch.compile builds it once per (batch, size) and CUDA graphs can replay it.
+
+    Every chunk attends over all `size` slots through a mask (filled, real and not after the query), so unfilled
+    slots cost a little compute but no recompilation. rewind(n) forgets the last n tokens (speculative decoding)."""
+
+    def __init__(self, model: XLabModel, batch_size: int, size: int, dtype: torch.dtype | None = None) -> None:
+        c, device = model.cfg, model.device
+        dtype = dtype or model.tok_emb.weight.dtype
+        shape = (batch_size, c.n_kv_head or c.n_head, size, c.d_model // c.n_head)
+        self.size = size
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layer)]
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the next slot to write
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
+        self.real = torch.zeros(batch_size, size, dtype=torch.bool, device=device)  # slots holding real tokens
+        self.slots = self.slot  # the slots of the chunk being run, set by advance()
+        for t in (*self.k, *self.v, self.slot, self.pos, self.real):
+            torch._dynamo.mark_static_address(t)  # CUDA graphs may replay over these buffers in place
+
+    def advance(self, t: int, chunk_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the next t slots for a chunk of t tokens (chunk_mask (B, t): 0 = left padding); returns their
+        positions (B, t) and the attention mask (B, 1, t, size)."""
+        offsets = torch.arange(t, device=self.slot.device)
+        self.slots = self.slot + offsets
+        if chunk_mask is None:
+            positions = self.pos[:, None] + offsets
+            self.real.index_fill_(1, self.slots, True)
+            self.pos.add_(t)
+        else:
+            keep = chunk_mask.bool()
+            positions = self.pos[:, None] + (keep.long().cumsum(-1) - 1).clamp(min=0)
+            self.real.index_copy_(1, self.slots, keep)
+            self.pos.add_(keep.long().sum(-1))
+        self.slot.add_(t)
+        columns = torch.arange(self.size, device=self.slot.device)
+        visible = columns[None] <= self.slots[:, None]  # (t, size): causal
+        own = columns[None] == self.slots[:, None]  # a padding query sees itself: no row of the mask is empty
+        return positions, ((self.real[:, None] & visible[None]) | own[None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n chunk tokens (all of them real): later chunks overwrite their slots."""
+        self.slot.sub_(n)
+        self.pos.sub_(n)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep/duplicate batch rows in place (beam search), so the buffers keep their addresses."""
+        for t in (*self.k, *self.v, self.pos, self.real):
+            t.copy_(t.index_select(0, rows))
 
 
 # --- MLPs --------------------------------------------------------------------------------------------------------
@@ -251,7 +309,7 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, pos: Positions, rot: Any,
-        cache: KVCache | None = None, mask: torch.Tensor | None = None,
+        cache: KVCache | StaticKVCache | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.drop(self.attn(self.norm1(x), pos, rot, cache, mask))
@@ -344,8 +402,8 @@ class XLabModel(nn.Module):
         return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.d_model * t
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, cache: KVCache | StaticKVCache | None = None,
+        attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
     ) -> torch.Tensor | LossSums:
         """Logits for every input position, or with `targets` (B, T) the summed loss and accuracy against them
         (LossSums; computed without materialising the logits, see xlab/models/loss.py).
@@ -353,24 +411,12 @@ class XLabModel(nn.Module):
         cache: a KVCache; the input continues the cached tokens and is added to the cache (prefill, then one token
         per step). attention_mask: (B, cached + T) with 0 for padding, for batches of left-padded prompts; each
         row's positions then count its real tokens only, so a padded row computes what it would alone.
+        With a StaticKVCache, attention_mask covers the new tokens only (B, T): the cache remembers the rest.
         """
-        b, t = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if past + t > self.cfg.max_len:
-            raise ValueError(f"sequence of {past + t} tokens is longer than max_len={self.cfg.max_len}")
-        mask = None
-        if attention_mask is None:
-            positions = torch.arange(past, past + t, device=input_ids.device)
-            if past > 0:  # tokens after cached ones: causal within the new chunk, all of the past
-                mask = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)
+        if isinstance(cache, StaticKVCache):
+            positions, mask = cache.advance(input_ids.shape[1], attention_mask)
         else:
-            keep = attention_mask.bool()
-            positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            causal = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)
-            mask = (causal[None] & keep[:, None, :])[:, None]  # (B, 1, T, past + T)
-            arange = torch.arange(past + t, device=input_ids.device)
-            own = arange == arange[past:, None]
-            mask = mask | own  # a padding query sees itself: no row of the mask is empty (NaN-free)
+            positions, mask = self._positions_and_mask(input_ids, cache, attention_mask)
         x = self.drop(self.pos_emb.embed(self.tok_emb(input_ids), positions))
         rot = self.pos_emb.prepare(positions)
         for block in self.blocks:
@@ -383,6 +429,28 @@ class XLabModel(nn.Module):
             # Smoothly bound logits to (-cap, cap) (Gemma 2): keeps early training from over-confident spikes.
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
+
+    def _positions_and_mask(
+        self, input_ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (T,) or (B, T) of the new tokens and the attention mask (None = causal from position 0)."""
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + t > self.cfg.max_len:
+            raise ValueError(f"sequence of {past + t} tokens is longer than max_len={self.cfg.max_len}")
+        if attention_mask is None:
+            positions = torch.arange(past, past + t, device=input_ids.device)
+            if past == 0:
+                return positions, None
+            # tokens after cached ones: causal within the new chunk, all of the past
+            return positions, torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)
+        keep = attention_mask.bool()
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        causal = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)
+        mask = (causal[None] & keep[:, None, :])[:, None]  # (B, 1, T, past + T)
+        arange = torch.arange(past + t, device=input_ids.device)
+        own = arange == arange[past:, None]
+        return positions, mask | own  # a padding query sees itself: no row of the mask is empty (NaN-free)
 
     @classmethod
     def load_from_checkpoint(cls, path: str, map_location: str | torch.device | None = None) -> XLabModel:

@@ -1,0 +1,112 @@
+"""The fast decoding path: a static KV cache, a compiled one-token step, and the dtype decoding runs in.
+
+The samplers (xlab/sampling.py) feed tokens through a stepper. `Stepper` there grows a dynamic cache; the
+`StaticStepper` here writes into a StaticKVCache of fixed shape, so every one-token step has the same shapes and
+torch.compile builds it once per (batch, cache size) bucket instead of per prompt length. Prefill (the prompt,
+and the window after the context slides) runs eagerly over the same cache.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from xlab.models.transformer import StaticKVCache, XLabModel
+from xlab.precision import cpu_has_fast_bf16
+
+MIN_CACHE = 64  # the smallest cache bucket: short runs share one compiled step
+
+
+@dataclass
+class DecodeOptions:
+    """How the samplers run the model: static cache or not, compiled step or not."""
+
+    static: bool = True
+    compile: bool = False
+    stats: dict = field(default_factory=dict)  # filled while decoding: compile seconds, steps, path
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """dtype=auto|fp32|bf16|fp16 → a torch dtype; auto = bf16 where the device runs it fast, as precision=auto."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def cache_size(max_len: int, total: int) -> int:
+    """The cache bucket for sequences of `total` tokens: a power of two ≥ MIN_CACHE, at most max_len."""
+    size = MIN_CACHE
+    while size < total:
+        size *= 2
+    return min(size, max_len)
+
+
+def _one_token(model: XLabModel, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    return model(ids, cache)[:, -1].float()
+
+
+_compiled = {}  # one torch.compile wrapper per device type; it keeps a graph per (model, batch, cache size)
+
+
+def compiled_step(device: torch.device):
+    if device.type not in _compiled:
+        # CUDA graphs (reduce-overhead) replay the step without launching each kernel from Python; on a CPU there
+        # is no launch cost to save, and the default mode's fused kernels are what pays.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[device.type] = torch.compile(_one_token, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled[device.type]
+
+
+class StaticStepper:
+    """Stepper's interface (xlab/sampling.py) over a StaticKVCache sized for `total` tokens; one-token steps
+    run compiled when options.compile is set (falling back to eager, with one warning, if compiling fails)."""
+
+    def __init__(self, model: XLabModel, mask: torch.Tensor, total: int, options: DecodeOptions) -> None:
+        self.model, self.options = model, options
+        self.cache = StaticKVCache(model, mask.shape[0], cache_size(model.max_len, total))
+        self.filled = 0  # tokens in the cache (host-side: the compiled step must not read it)
+        self.start = 0  # column of the sequences where the cached window begins
+        self.padded = not bool(mask.all())
+        self.compile = options.compile
+        self.first = True
+        self.ids = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)  # the step's fixed input
+        options.stats.setdefault("steps", 0)
+
+    def __call__(self, seqs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n_new = seqs.shape[1] - self.start - self.filled
+        if self.filled + n_new > self.cache.size:  # the context is full: slide the window (only at max_len)
+            self.start = seqs.shape[1] - (self.model.max_len - 1)
+            self.cache = StaticKVCache(self.model, seqs.shape[0], self.cache.size)
+            self.filled, n_new = 0, self.model.max_len - 1
+        self.filled += n_new
+        if n_new == 1:
+            return self.step(seqs[:, -1:])
+        chunk_mask = mask[:, -n_new:] if self.padded else None
+        return self.model(seqs[:, -n_new:], self.cache, chunk_mask)[:, -1].float()
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.options.stats["steps"] += 1
+        ids = self.ids.copy_(ids)  # one layout every step (a column of seqs has strides that change)
+        if not self.compile:
+            return _one_token(self.model, ids, self.cache)
+        first, self.first = self.first, False
+        started = time.perf_counter()
+        try:
+            logits = compiled_step(ids.device)(self.model, ids, self.cache)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: decode eagerly instead
+            warnings.warn(f"torch.compile of the decode step failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}); decoding eagerly", stacklevel=2)
+            self.compile = self.options.compile = False  # it failed before running: the cache is untouched
+            return _one_token(self.model, ids, self.cache)
+        if first:  # a new (batch, cache size) compiles here; a seen one only checks its guards
+            self.options.stats["first_step_s"] = self.options.stats.get("first_step_s", 0.0) + (
+                time.perf_counter() - started)
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)
