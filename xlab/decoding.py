@@ -13,9 +13,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from xlab.errors import XLabError
 from xlab.models.transformer import StaticKVCache, XLabModel
-from xlab.precision import cpu_has_fast_bf16
 
 MIN_CACHE = 64  # the smallest cache bucket: short runs share one compiled step
 
@@ -29,13 +30,55 @@ class DecodeOptions:
     stats: dict = field(default_factory=dict)  # filled while decoding: compile seconds, steps, path
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """dtype=auto|fp32|bf16|fp16 → a torch dtype; auto = bf16 where the device runs it fast, as precision=auto."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """dtype=auto|fp32|bf16|fp16|int8 → the one decoding runs in. auto = bf16 on GPUs that have it; fp32 on a CPU,
+    where a one-row bf16 matmul is slower than fp32 even with AMX (benchmarks/generate.py)."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: int8 weights with one fp scale per output row, multiplied by PyTorch's
+    _weight_int8pack_mm kernel (CPU, CUDA, MPS; the one torchao and gpt-fast call), activations in bf16. A
+    quarter of fp32's bytes per weight: decoding reads every weight once per token, so it runs ~4x less memory."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.out_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def for_inference(model: XLabModel, dtype: str = "auto") -> XLabModel:
+    """Convert `model` in place for decoding in dtype (auto|fp32|bf16|fp16|int8; see resolve_dtype). int8 keeps
+    the embedding in bf16 and swaps every linear (the head too) for an Int8Linear: for sampling, not training."""
+    name = resolve_dtype(dtype, model.device)
+    if name not in (*DTYPES, "int8"):
+        raise XLabError(f"dtype={dtype!r}; valid: auto, {', '.join(DTYPES)}, int8")
+    model.eval().requires_grad_(False)
+    if name != "int8":
+        return model.to(DTYPES[name])
+    act = torch.bfloat16
+    model.to(act)
+    linears = [(parent, key, child) for parent in model.modules() for key, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, key, child in linears:
+        setattr(parent, key, Int8Linear(child, act))
+    return model
 
 
 def cache_size(max_len: int, total: int) -> int:
