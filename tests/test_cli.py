@@ -144,6 +144,22 @@ def test_generate_samplers_prompts_file_and_jsonl(tiny_run: Path, tmp_path: Path
                                      "max_new_tokens=12").stdout.strip()
 
 
+def test_generate_says_which_decoding_path_it_takes(tiny_run: Path):
+    """The CPU default is fp32 with the dynamic cache, eager; the static cache gives the same greedy text, and int8
+    weights with the compiled step run (their agreement with fp32: tests/test_decoding.py)."""
+    ckpt = tiny_run / "checkpoints" / "last"
+    args = [f"ckpt={ckpt}", "prompt=The list", "sampler=greedy", "max_new_tokens=12", "output=jsonl"]
+    default = run_cli("generate", *args)
+    assert "decoding: fp32 on cpu, dynamic KV cache, eager steps" in default.stderr
+    static = run_cli("generate", *args, "cache=static")
+    assert "decoding: fp32 on cpu, static KV cache, eager steps" in static.stderr
+    assert static.stdout == default.stdout
+    fast = run_cli("generate", *args, "dtype=int8", "compile=on")
+    assert "decoding: int8 on cpu, static KV cache, compiled one-token step" in fast.stderr
+    assert "decoding eagerly" not in fast.stderr  # the compile did not fall back
+    assert 1 <= len(json.loads(fast.stdout)["tokens"]) <= 12
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -128,6 +128,28 @@ class OutputFormat(Choice):
     jsonl = "jsonl"  # one JSON object per sequence: prompt, text, tokens (and score for beam search)
 
 
+class InferenceDtype(Choice):
+    """What decoding computes in (xlab/decoding.py)."""
+
+    auto = "auto"  # bf16 on GPUs (fp16 without bf16); fp32 on CPUs, where a one-row bf16 matmul is slower than fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    int8 = "int8"  # weight-only int8, bf16 activations: a quarter of fp32's bytes read per token; lossy (README)
+
+
+class Switch(Choice):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class CacheKind(Choice):
+    auto = "auto"  # static when the step is compiled, else dynamic
+    static = "static"  # preallocated buffers of fixed shape, written in place (what compiling needs)
+    dynamic = "dynamic"  # grows by concatenation
+
+
 class ExportFormat(Choice):
     xlab = "xlab"  # model.safetensors + tokenizer.json + config.yaml
     hf = "hf"  # a transformers model directory
@@ -494,6 +516,10 @@ class GenerateConfig(Schema):
     num_prompts: int = 8
     prompt_tokens: int = 32
     out: str | None = None  # prompts_from output prefix; None = <checkpoint dir>/samples_<split>.{jsonl,md}
+    dtype: InferenceDtype = InferenceDtype.auto
+    compile: Switch = Switch.auto  # torch.compile the one-token step; auto = on GPUs (CUDA graphs), off on CPUs,
+    # where the compile (~20-30 s) pays back only after ~10k tokens (BENCHMARKS.md)
+    cache: CacheKind = CacheKind.auto
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     LIMITS = {

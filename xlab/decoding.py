@@ -81,6 +81,26 @@ def for_inference(model: XLabModel, dtype: str = "auto") -> XLabModel:
     return model
 
 
+def plan(dtype: str, compile: str, cache: str, device: torch.device) -> tuple[str, DecodeOptions]:
+    """generate's dtype/compile/cache keys (xlab/config.py) → the dtype and the options decoding runs with.
+    compile=auto is on for CUDA only: on a CPU the compile takes ~20-30 s, which pays after ~10k tokens."""
+    name = resolve_dtype(str(dtype), device)
+    compiled = {"on": True, "off": False}.get(str(compile), device.type == "cuda")
+    if compiled and str(cache) == "dynamic":
+        raise XLabError("compile=on with cache=dynamic: the compiled step needs the fixed shapes of cache=static "
+                        "(or cache=auto)")
+    return name, DecodeOptions(static=str(cache) == "static" or (str(cache) == "auto" and compiled),
+                               compile=compiled)
+
+
+def describe(dtype: str, options: DecodeOptions, device: torch.device) -> str:
+    """The start-up line naming the path decoding takes."""
+    graphs = " with CUDA graphs" if device.type == "cuda" else ""
+    step = f"compiled one-token step{graphs}" if options.compile else "eager steps"
+    cache = "static" if options.static else "dynamic"
+    return f"decoding: {dtype} on {device}, {cache} KV cache, {step}"
+
+
 def cache_size(max_len: int, total: int) -> int:
     """The cache bucket for sequences of `total` tokens: a power of two ≥ MIN_CACHE, at most max_len."""
     size = MIN_CACHE

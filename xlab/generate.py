@@ -51,10 +51,22 @@ class Streamer:
             self.shown = text
 
 
+def load_model(cfg, ckpt, device):
+    """The checkpoint's model converted for decoding as dtype/compile/cache say; prints the path taken."""
+    from xlab.decoding import describe, for_inference, plan
+    from xlab.models import XLabModel
+
+    dtype, decoding = plan(cfg.dtype, cfg.compile, cfg.cache, device)
+    model = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
+    print(describe(dtype, decoding, device), file=sys.stderr, flush=True)  # stderr: output=jsonl stays parseable
+    return model, decoding
+
+
 def validate(cfg: DictConfig) -> None:
     """The schema's checks (xlab/config.py), the sampler's and the device, before any work."""
     from omegaconf import open_dict
 
+    from xlab.decoding import plan
     from xlab.evaluate import pick_device
     from xlab.sampling import check_beam_length, check_sampler_config
 
@@ -63,14 +75,13 @@ def validate(cfg: DictConfig) -> None:
     cfg = OmegaConf.to_object(cfg)
     check_sampler_config(cfg.sampler)
     check_beam_length(cfg.sampler, cfg.max_new_tokens)
-    pick_device(cfg.device)
+    plan(cfg.dtype, cfg.compile, cfg.cache, pick_device(cfg.device))
 
 
 def task(cfg: DictConfig) -> list:
     from xlab.datamodules import XLabDataModule
     from xlab.evaluate import pick_device
     from xlab.inference import cut_at_stop, generate_ids
-    from xlab.models import XLabModel
     from xlab.sampling import check_sampler_config
 
     cfg = OmegaConf.to_object(cfg)
@@ -81,7 +92,7 @@ def task(cfg: DictConfig) -> list:
     prompts = read_prompts(cfg)
     device = pick_device(cfg.device)
     tokenizer = XLabDataModule.load_from_checkpoint(cfg.ckpt).tokenizer
-    model = XLabModel.load_from_checkpoint(cfg.ckpt, map_location=device).eval().requires_grad_(False)
+    model, decoding = load_model(cfg, cfg.ckpt, device)
     repeats = cfg.num_samples if sampler.name != "beam" else 1
     jobs = [p for p in prompts for _ in range(repeats)]
     stream = len(jobs) == 1 and cfg.output == "text" and sampler.name != "beam" and not sampler.stop
@@ -91,7 +102,7 @@ def task(cfg: DictConfig) -> list:
         streamer = Streamer(tokenizer, batch[0]) if stream else None
         seed = None if cfg.seed is None else cfg.seed + start
         for row, tokens, score in generate_ids(model, tokenizer, [tokenizer.encode(p) for p in batch], sampler,
-                                               cfg.max_new_tokens, seed, on_token=streamer):
+                                               cfg.max_new_tokens, seed, on_token=streamer, decoding=decoding):
             text, _ = cut_at_stop(tokenizer.decode(tokens), sampler.stop)
             record = {"prompt": batch[row], "text": text, "tokens": tokens}
             if score is not None:
@@ -114,7 +125,6 @@ def predict_split(cfg, sampler) -> list:
     from xlab.datamodules import XLabDataModule
     from xlab.evaluate import pick_device
     from xlab.inference import generate_ids
-    from xlab.models import XLabModel
 
     ckpt = resolve_checkpoint(cfg.ckpt)
     device = pick_device(cfg.device)
@@ -122,13 +132,13 @@ def predict_split(cfg, sampler) -> list:
     tokenizer = datamodule.tokenizer
     prompts = split_prompts(datamodule.tokens(cfg.prompts_from), tokenizer, cfg.num_prompts, cfg.prompt_tokens,
                             cfg.max_new_tokens, cfg.prompts_from)
-    model = XLabModel.load_from_checkpoint(ckpt, map_location=device).eval().requires_grad_(False)
+    model, decoding = load_model(cfg, ckpt, device)
     generated = {}
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
         seed = None if cfg.seed is None else cfg.seed + start
         for row, tokens, _ in generate_ids(model, tokenizer, [p.prompt_ids for p in batch], sampler,
-                                           cfg.max_new_tokens, seed):
+                                           cfg.max_new_tokens, seed, decoding=decoding):
             generated.setdefault(start + row, [t for t in tokens if t != tokenizer.eos_id])
     samples = [Sample(p.document, tokenizer.decode(p.prompt_ids), tokenizer.decode(generated[i]),
                       tokenizer.decode(p.true_ids), len(p.prompt_ids), len(generated[i]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from xlab.config import SamplerConfig
+from xlab.decoding import DecodeOptions
 from xlab.errors import XLabError
 from xlab.sampling import SAMPLERS, check_beam_length, check_sampler_config, decode_tokens
 
@@ -93,8 +94,10 @@ def generate_ids(
     max_new_tokens: int = 50,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    decoding: DecodeOptions | None = None,
 ) -> list[tuple[int, list[int], float | None]]:
-    """Decode token-id prompts (sos is prepended); returns (prompt index, generated ids, beam score) tuples."""
+    """Decode token-id prompts (sos is prepended); returns (prompt index, generated ids, beam score) tuples.
+    decoding: the fast path's options (xlab/decoding.py); None = the dynamic KV cache, eager."""
     if max_new_tokens < 0:
         raise XLabError(f"max_new_tokens={max_new_tokens} must be >= 0")
     check_beam_length(cfg, max_new_tokens)
@@ -115,7 +118,7 @@ def generate_ids(
         return bool(cfg.stop) and cut_at_stop(tokenizer.decode(tokens), cfg.stop)[1]
 
     seqs = SAMPLERS.get(cfg.name)(model, input_ids, mask, cfg, max_new_tokens, [tokenizer.eos_id],
-                                  generator=generator, is_done=is_done, on_token=on_token)
+                                  generator=generator, is_done=is_done, on_token=on_token, decoding=decoding)
     return [(s.row, s.tokens, s.score) for s in seqs]
 
 
@@ -127,16 +130,19 @@ def generate(
     max_new_tokens: int = 50,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    decoding: DecodeOptions | None = None,
     **options: object,
 ) -> list[Generation]:
     """Continue each prompt (sos is prepended) with the chosen sampler. Beam search returns
     num_return_sequences generations per prompt, best first; the others one per prompt.
-    Prompts longer than the context keep their last max_len - 1 tokens (with a warning)."""
+    Prompts longer than the context keep their last max_len - 1 tokens (with a warning). For speed, convert the
+    model with xlab.decoding.for_inference(model, "int8") and pass decoding=DecodeOptions(compile=True)."""
     cfg = sampler_config(sampler, **options)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = [tokenizer.encode(p) for p in prompts]
     results = []
-    for row, tokens, score in generate_ids(model, tokenizer, ids, cfg, max_new_tokens, seed, on_token):
+    for row, tokens, score in generate_ids(model, tokenizer, ids, cfg, max_new_tokens, seed, on_token,
+                                            decoding):
         text, _ = cut_at_stop(tokenizer.decode(tokens), cfg.stop)
         results.append(Generation(prompts[row], text, tokens, score))
     return results
