@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,18 @@ def test_generate_says_which_decoding_path_it_takes(tiny_run: Path):
     assert "decoding: int8 on cpu, static KV cache, compiled one-token step" in fast.stderr
     assert "decoding eagerly" not in fast.stderr  # the compile did not fall back
     assert 1 <= len(json.loads(fast.stdout)["tokens"]) <= 12
+
+
+def test_generate_with_a_draft_gives_the_targets_greedy_text(tiny_run: Path):
+    """Speculative decoding through the CLI (its exactness on other drafts and for sampling:
+    tests/test_speculative.py); the checkpoint drafting for itself has every draft token accepted."""
+    ckpt = tiny_run / "checkpoints" / "last"
+    args = [f"ckpt={ckpt}", "prompt=The list", "sampler=greedy", "max_new_tokens=12", "output=jsonl"]
+    plain = run_cli("generate", *args)
+    spec = run_cli("generate", *args, f"draft={ckpt}", "draft_tokens=3")
+    assert f"speculative with draft={ckpt} (3 tokens per target forward)" in spec.stderr
+    assert spec.stdout == plain.stdout
+    assert re.search(r"speculative: (\d+)/\1 draft tokens accepted \(100%\)", spec.stderr), spec.stderr
 
 
 @pytest.mark.parametrize(

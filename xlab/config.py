@@ -520,10 +520,13 @@ class GenerateConfig(Schema):
     compile: Switch = Switch.auto  # torch.compile the one-token step; auto = on GPUs (CUDA graphs), off on CPUs,
     # where the compile (~20-30 s) pays back only after ~10k tokens (BENCHMARKS.md)
     cache: CacheKind = CacheKind.auto
+    draft: str | None = None  # speculative decoding: a smaller checkpoint with the same tokenizer (greedy, sampling)
+    draft_tokens: int = 4  # tokens the draft proposes per target forward
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     LIMITS = {
-        "num_samples": AT_LEAST_1, "max_new_tokens": NON_NEGATIVE, "seed": Range(0, 2**32 - 1, note="(or null)"),
+        "num_samples": AT_LEAST_1, "draft_tokens": Range(1, 16), "max_new_tokens": NON_NEGATIVE,
+        "seed": Range(0, 2**32 - 1, note="(or null)"),
         "temperature": SamplerConfig.LIMITS["temperature"], "batch_size": AT_LEAST_1, "num_prompts": AT_LEAST_1,
         "prompt_tokens": AT_LEAST_1,
     }

@@ -23,11 +23,14 @@ MIN_CACHE = 64  # the smallest cache bucket: short runs share one compiled step
 
 @dataclass
 class DecodeOptions:
-    """How the samplers run the model: static cache or not, compiled step or not."""
+    """How the samplers run the model: static cache or not, compiled step or not, and a draft model for
+    speculative decoding (xlab/speculative.py; greedy and sampling)."""
 
     static: bool = True
     compile: bool = False
-    stats: dict = field(default_factory=dict)  # filled while decoding: compile seconds, steps, path
+    draft: XLabModel | None = None  # a smaller model with the target's tokenizer
+    draft_tokens: int = 4  # tokens the draft proposes per target forward
+    stats: dict = field(default_factory=dict)  # filled while decoding: compile seconds, steps, drafted/accepted
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

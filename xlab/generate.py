@@ -51,15 +51,46 @@ class Streamer:
             self.shown = text
 
 
-def load_model(cfg, ckpt, device):
-    """The checkpoint's model converted for decoding as dtype/compile/cache say; prints the path taken."""
+def load_model(cfg, ckpt, device, tokenizer):
+    """The checkpoint's model (and draft=, if given) converted for decoding as dtype/compile/cache say; prints the
+    path taken."""
     from xlab.decoding import describe, for_inference, plan
     from xlab.models import XLabModel
 
     dtype, decoding = plan(cfg.dtype, cfg.compile, cfg.cache, device)
     model = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
-    print(describe(dtype, decoding, device), file=sys.stderr, flush=True)  # stderr: output=jsonl stays parseable
+    line = describe(dtype, decoding, device)
+    if cfg.draft is not None:
+        decoding.draft, decoding.draft_tokens = load_draft(cfg.draft, model, tokenizer, device, dtype), cfg.draft_tokens
+        line += f", speculative with draft={cfg.draft} ({cfg.draft_tokens} tokens per target forward)"
+    print(line, file=sys.stderr, flush=True)  # stderr: output=jsonl stays parseable
     return model, decoding
+
+
+def load_draft(path, target, tokenizer, device, dtype):
+    from xlab.checkpoint import resolve_checkpoint
+    from xlab.datamodules import XLabDataModule
+    from xlab.decoding import for_inference
+    from xlab.errors import XLabError
+    from xlab.models import XLabModel
+    from xlab.speculative import check_draft
+
+    ckpt = resolve_checkpoint(path)
+    if XLabDataModule.load_from_checkpoint(ckpt).tokenizer.tokenizer.get_vocab() != tokenizer.tokenizer.get_vocab():
+        raise XLabError(f"draft={path!r} has another tokenizer than ckpt: the draft must share the target's")
+    draft = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
+    check_draft(target, draft, "greedy")
+    return draft
+
+
+def report(decoding) -> None:
+    """After speculative decoding: how much of the draft the target kept."""
+    stats = decoding.stats
+    if decoding.draft is not None and stats.get("drafted"):
+        rate = stats["accepted"] / stats["drafted"]
+        per_forward = (stats["accepted"] + stats["rounds"]) / stats["rounds"]
+        print(f"speculative: {stats['accepted']}/{stats['drafted']} draft tokens accepted ({100 * rate:.0f}%), "
+              f"{per_forward:.2f} tokens per target forward", file=sys.stderr, flush=True)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -76,6 +107,10 @@ def validate(cfg: DictConfig) -> None:
     check_sampler_config(cfg.sampler)
     check_beam_length(cfg.sampler, cfg.max_new_tokens)
     plan(cfg.dtype, cfg.compile, cfg.cache, pick_device(cfg.device))
+    if cfg.draft is not None:
+        from xlab.speculative import refuse_beam
+
+        refuse_beam(cfg.sampler.name)
 
 
 def task(cfg: DictConfig) -> list:
@@ -92,7 +127,7 @@ def task(cfg: DictConfig) -> list:
     prompts = read_prompts(cfg)
     device = pick_device(cfg.device)
     tokenizer = XLabDataModule.load_from_checkpoint(cfg.ckpt).tokenizer
-    model, decoding = load_model(cfg, cfg.ckpt, device)
+    model, decoding = load_model(cfg, cfg.ckpt, device, tokenizer)
     repeats = cfg.num_samples if sampler.name != "beam" else 1
     jobs = [p for p in prompts for _ in range(repeats)]
     stream = len(jobs) == 1 and cfg.output == "text" and sampler.name != "beam" and not sampler.stop
@@ -115,6 +150,7 @@ def task(cfg: DictConfig) -> list:
                       flush=True)
     if stream:
         sys.stdout.write("\n")
+    report(decoding)
     return results
 
 
@@ -132,7 +168,7 @@ def predict_split(cfg, sampler) -> list:
     tokenizer = datamodule.tokenizer
     prompts = split_prompts(datamodule.tokens(cfg.prompts_from), tokenizer, cfg.num_prompts, cfg.prompt_tokens,
                             cfg.max_new_tokens, cfg.prompts_from)
-    model, decoding = load_model(cfg, ckpt, device)
+    model, decoding = load_model(cfg, ckpt, device, tokenizer)
     generated = {}
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
@@ -140,6 +176,7 @@ def predict_split(cfg, sampler) -> list:
         for row, tokens, _ in generate_ids(model, tokenizer, [p.prompt_ids for p in batch], sampler,
                                            cfg.max_new_tokens, seed, decoding=decoding):
             generated.setdefault(start + row, [t for t in tokens if t != tokenizer.eos_id])
+    report(decoding)
     samples = [Sample(p.document, tokenizer.decode(p.prompt_ids), tokenizer.decode(generated[i]),
                       tokenizer.decode(p.true_ids), len(p.prompt_ids), len(generated[i]))
                for i, p in enumerate(prompts)]

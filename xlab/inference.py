@@ -17,6 +17,7 @@ from xlab.config import SamplerConfig
 from xlab.decoding import DecodeOptions
 from xlab.errors import XLabError
 from xlab.sampling import SAMPLERS, check_beam_length, check_sampler_config, decode_tokens
+from xlab.speculative import speculative_decode
 
 
 @dataclass
@@ -117,7 +118,8 @@ def generate_ids(
     def is_done(row: int, tokens: list[int]) -> bool:  # stop strings end a row early
         return bool(cfg.stop) and cut_at_stop(tokenizer.decode(tokens), cfg.stop)[1]
 
-    seqs = SAMPLERS.get(cfg.name)(model, input_ids, mask, cfg, max_new_tokens, [tokenizer.eos_id],
+    decoder = SAMPLERS.get(cfg.name) if decoding is None or decoding.draft is None else speculative_decode
+    seqs = decoder(model, input_ids, mask, cfg, max_new_tokens, [tokenizer.eos_id],
                                   generator=generator, is_done=is_done, on_token=on_token, decoding=decoding)
     return [(s.row, s.tokens, s.score) for s in seqs]
 
