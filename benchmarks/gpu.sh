@@ -77,7 +77,7 @@ rc=$?; summarize wiki_large $rc
 echo "exit $rc"; grep -E "model:|process\(es\)|final val|tokenizer bytes" "$OUT/wiki_large.log" | tail -4
 
 log "decode: XLab vs transformers on the GPU"
-timeout 120 python benchmarks/generate.py --device cuda --repeats 2 || true
+timeout 240 python benchmarks/generate.py --device cuda --shape gpt2_small --repeats 2 || true
 log "summary (gpt2_small shape, bf16: 40-step runs, wiki_large 50; tok/s and MFU of the last log interval)"
 {
   echo "| run | exit | step | tok/s per device | MFU | train loss | val loss |"

@@ -70,3 +70,19 @@ def test_recipe_baseline_is_still_the_default_of_commit_435677f():
     assert {k: v for k, v in cfg["model"].items() if k in old["model"] and k not in sizes} == \
         {k: v for k, v in old["model"].items() if k not in sizes}
     assert cfg["trainer"]["small_data_regularization"] is False
+
+
+def test_generate_benchmark_compares_every_mode_with_transformers():
+    out = run("generate.py", "--shape", "custom", "--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64",
+              "--new-tokens", "4", "--prompt-tokens", "4", "--repeats", "1", "--batches", "1", "--copy-mb", "16",
+              "--modes", "dynamic", "static", "--dtypes", "fp32", "int8")
+    assert re.search(rf"copy bandwidth {NUMBER} GB/s", out), out
+    for decoding in ("greedy", "beam-4"):
+        rows = re.findall(rf"\| {decoding} \| 1 \| (XLab|transformers) \| (fp32|int8) \| (dynamic|static) \| eager \| "
+                          rf"{NUMBER} \| {NUMBER} \| {NUMBER}% \| - \| - \|", out)
+        assert rows == [("XLab", d, c) for d in ("fp32", "int8") for c in ("dynamic", "static")] + \
+            [("transformers", "fp32", "dynamic")], out
+    assert "tokens: XLab fp32 == transformers fp32 (greedy batch 1: dynamic eager, static eager)" in out, out
+    assert re.search(rf"fraction of tokens equal to fp32's: XLab int8 dynamic eager {NUMBER}; "
+                     rf"XLab int8 static eager {NUMBER}", out), out
+    assert "failed" not in out, out
