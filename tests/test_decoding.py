@@ -171,3 +171,23 @@ def test_low_precision_greedy_agrees_with_fp32_on_a_trained_checkpoint(tiny_run,
             assert want.tolist() == tokens  # the fp32 forward reproduces its own greedy decode
             same, total = same + int((want == got).sum()), total + n
     assert same / total >= AGREEMENT, f"{dtype}: {same}/{total} = {same / total:.3f} of greedy tokens agree"
+
+
+def test_speculative_benchmark_runs_on_a_trained_checkpoint(tiny_run):
+    """benchmarks/speculative.py end to end at a toy size (the checkpoint drafting for itself; no timing asserted:
+    the figures live in BENCHMARKS.md)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt = tiny_run / "checkpoints" / "last"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "speculative.py"
+    out = subprocess.run([sys.executable, str(script), "--target", str(ckpt), "--draft", str(ckpt), "--prompts", "1",
+                          "--prompt-tokens", "4", "--new-tokens", "8", "--draft-tokens", "2", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    number = r"[\d,.]+"
+    assert re.search(rf"\| greedy \| draft, k=2 \| {number} \| {number} \| 100% \| {number} \|", out.stdout), out.stdout
+    assert re.search(rf"\| top_k \| target alone \| {number} \| 1.00 \| - \| 1.00 \|", out.stdout), out.stdout
+    assert "every speculative output identical to the target's" in out.stdout
