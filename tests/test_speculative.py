@@ -92,7 +92,7 @@ def pair_counts(seqs, vocab: int) -> torch.Tensor:
 
 
 def test_sampled_tokens_are_distributed_as_the_targets():
-    vocab, n = 8, 1500
+    vocab, n = 8, 1000
     target = model(0, 2, vocab, std=0.15)
     draft = near_copy(target, 0.05)
     cfg = SamplerConfig(name="top_k", temperature=0.9, top_k=6)

@@ -495,8 +495,16 @@ class EvaluateConfig(Schema):
     precision: Precision = Precision.auto
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # lm-evaluation-harness tasks (xlab/harness.py): empty = the split's loss and bits per byte above. Local tasks
+    # (xlab/tasks: xlab_continuation) are built from the checkpoint's predict split; lm-eval's own need their data.
+    # With tasks, precision auto means fp32 (exact log-likelihoods); bf16 autocasts.
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None  # documents per task; None = all
+    num_fewshot: int = 0
+    task_path: str | None = None  # a folder of your own lm-eval task YAMLs (e.g. over local JSON/JSONL files)
 
-    LIMITS = {"batch_size": AT_LEAST_1, "max_batches": Range(1, note="(or null: the whole split)")}
+    LIMITS = {"batch_size": AT_LEAST_1, "max_batches": Range(1, note="(or null: the whole split)"),
+              "limit": Range(1, note="(or null: every document)"), "num_fewshot": NON_NEGATIVE}
 
 
 @dataclass

@@ -2,6 +2,8 @@
 a split.
 
 Prints a small table and writes eval_<split>.json into the checkpoint directory.
+`python -m xlab.evaluate ckpt=PATH tasks=[xlab_continuation] limit=N num_fewshot=K` runs lm-evaluation-harness
+tasks on the checkpoint instead (xlab/harness.py), prints lm-eval's table and writes eval_tasks.json there.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def validate(cfg: DictConfig) -> None:
 
     with open_dict(cfg):
         del cfg["hydra"]
-    pick_device(OmegaConf.to_object(cfg).device)
+    config = OmegaConf.to_object(cfg)
+    pick_device(config.device)
+    if config.tasks:
+        task_precision(str(config.precision))
 
 
 def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: int | None = None,
@@ -82,9 +87,41 @@ def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: i
     return result
 
 
+def task_precision(precision: str) -> str:
+    """Precision of harness scoring: fp32 unless bf16 is asked for (auto too: tasks compare exact log-likelihoods)."""
+    from xlab.errors import XLabError
+
+    if precision in ("auto", "fp32", "bf16"):
+        return "bf16" if precision == "bf16" else "fp32"
+    raise XLabError(f"precision={precision!r} is not supported with tasks=; valid: auto (fp32), fp32, bf16")
+
+
+def run_tasks(cfg: DictConfig) -> dict:
+    """tasks=[...]: lm-evaluation-harness on the checkpoint; prints lm-eval's table."""
+    from xlab.errors import XLabError
+
+    try:
+        from lm_eval.utils import make_table
+
+        from xlab.harness import score_tasks
+    except ImportError as exc:
+        if not (exc.name or "").startswith("lm_eval"):
+            raise
+        raise XLabError(f"tasks={list(cfg.tasks)} needs lm-evaluation-harness ({exc.name} is missing): "
+                        "pip install 'xlab[eval]'") from None
+    results, out = score_tasks(cfg.ckpt, list(cfg.tasks), cfg.num_fewshot, cfg.limit, cfg.batch_size,
+                               task_precision(str(cfg.precision)), pick_device(cfg.device), cfg.paths.cache_dir,
+                               cfg.task_path)
+    print(make_table(results))
+    print(f"wrote {out}")
+    return results
+
+
 def task(cfg: DictConfig) -> dict:
     from xlab.checkpoint import resolve_checkpoint
 
+    if cfg.tasks:
+        return run_tasks(cfg)
     ckpt = resolve_checkpoint(cfg.ckpt)
     result = score_checkpoint(ckpt, str(cfg.split), cfg.batch_size, cfg.max_batches, str(cfg.precision), cfg.device,
                               cfg.paths.cache_dir)
