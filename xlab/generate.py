@@ -59,9 +59,11 @@ def load_model(cfg, ckpt, device, tokenizer):
 
     dtype, decoding = plan(cfg.dtype, cfg.compile, cfg.cache, device)
     model = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
+    if cfg.draft is not None:  # speculation runs both models eagerly over static caches (xlab/speculative.py)
+        decoding.static, decoding.compile = True, False
+        decoding.draft, decoding.draft_tokens = load_draft(cfg.draft, model, tokenizer, device, dtype), cfg.draft_tokens
     line = describe(dtype, decoding, device)
     if cfg.draft is not None:
-        decoding.draft, decoding.draft_tokens = load_draft(cfg.draft, model, tokenizer, device, dtype), cfg.draft_tokens
         line += f", speculative with draft={cfg.draft} ({cfg.draft_tokens} tokens per target forward)"
     print(line, file=sys.stderr, flush=True)  # stderr: output=jsonl stays parseable
     return model, decoding
