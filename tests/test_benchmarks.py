@@ -87,9 +87,3 @@ def test_generate_benchmark_compares_every_mode_with_transformers():
                      rf"XLab int8 static eager {NUMBER}", out), out
     assert "failed" not in out, out
 
-
-def test_harness_benchmark_compares_xlablm_with_hflm(tiny_run: Path):
-    out = run("harness.py", "--ckpt", str(tiny_run / "checkpoints" / "last"), "--limit", "8", "--repeats", "1",
-              "--precision", "fp32")
-    assert re.search(rf"\| fp32 \| {NUMBER} \| {NUMBER} \| \*\*{NUMBER}\*\* \|", out), out
-    assert re.search(r"32 loglikelihood requests", out), out

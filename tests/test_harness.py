@@ -6,6 +6,7 @@ that is unknown or cannot be fetched offline fails in one line."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -154,3 +155,22 @@ def test_unknown_or_unreachable_task_fails_in_one_line(name, expect, ckpt: Path,
 def test_bad_task_options_fail_in_one_line(args, expect, ckpt: Path, capsys, monkeypatch):
     fails_in_one_line_in_process("evaluate", f"ckpt={ckpt}", f"tasks=[{CONTINUATION}]", *args, expect=expect,
                                  capsys=capsys, monkeypatch=monkeypatch)
+
+
+def run_benchmark(*args: str) -> str:
+    """benchmarks/harness.py at a toy size: here, beside the trained checkpoint this file builds anyway."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "harness.py"
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_harness_benchmark_compares_xlablm_with_hflm(tiny_run: Path):
+    out = run_benchmark("--ckpt", str(tiny_run / "checkpoints" / "last"), "--limit", "8", "--repeats", "1",
+                        "--precision", "fp32")
+    number = r"[\d,.]+"
+    assert re.search(rf"\| fp32 \| {number} \| {number} \| \*\*{number}\*\* \|", out), out
+    assert "32 loglikelihood requests" in out, out

@@ -63,7 +63,7 @@ class Row:
                  sampling: bool) -> None:
         self.size = cache_size(min(target.max_len, options.draft.max_len), total)
         self.target, self.draft = Cached(target, self.size), Cached(options.draft, self.size)
-        self.seq, self.out = prompt[None], []  # (1, L) the sequence so far; the generated ids
+        self.seq = prompt[None]  # (1, L): the sequence so far
         self.cfg, self.eos, self.k, self.generator, self.sampling = cfg, eos, options.draft_tokens, generator, sampling
         self.stats, self.prompt_len = options.stats, prompt.numel()
         self.padding = padding[None]  # the row's left padding: the batched samplers' repetition penalty sees it
