@@ -59,13 +59,12 @@ def load_model(cfg, ckpt, device, tokenizer):
 
     dtype, decoding = plan(cfg.dtype, cfg.compile, cfg.cache, device)
     model = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
+    speculative = ""
     if cfg.draft is not None:  # speculation runs both models eagerly over static caches (xlab/speculative.py)
         decoding.static, decoding.compile = True, False
         decoding.draft, decoding.draft_tokens = load_draft(cfg.draft, model, tokenizer, device, dtype), cfg.draft_tokens
-    line = describe(dtype, decoding, device)
-    if cfg.draft is not None:
-        line += f", speculative with draft={cfg.draft} ({cfg.draft_tokens} tokens per target forward)"
-    print(line, file=sys.stderr, flush=True)  # stderr: output=jsonl stays parseable
+        speculative = f", speculative with draft={cfg.draft} ({cfg.draft_tokens} tokens per target forward)"
+    print(describe(dtype, decoding, device) + speculative, file=sys.stderr, flush=True)  # stderr: jsonl stays parseable
     return model, decoding
 
 
@@ -81,7 +80,7 @@ def load_draft(path, target, tokenizer, device, dtype):
     if XLabDataModule.load_from_checkpoint(ckpt).tokenizer.tokenizer.get_vocab() != tokenizer.tokenizer.get_vocab():
         raise XLabError(f"draft={path!r} has another tokenizer than ckpt: the draft must share the target's")
     draft = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
-    check_draft(target, draft, "greedy")
+    check_draft(target, draft)
     return draft
 
 

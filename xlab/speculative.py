@@ -27,9 +27,8 @@ def refuse_beam(sampler: str) -> None:
                         "num_beams sequences per step: there is no single continuation to speculate on)")
 
 
-def check_draft(target: XLabModel, draft: XLabModel, sampler: str) -> None:
-    """One clear line for a draft that cannot serve: beam search, or another vocabulary."""
-    refuse_beam(sampler)
+def check_draft(target: XLabModel, draft: XLabModel) -> None:
+    """One clear line for a draft of another vocabulary."""
     v_target, v_draft = target.lm_head.out_features, draft.lm_head.out_features
     if v_target != v_draft:
         raise XLabError(f"the draft's vocabulary has {v_draft} tokens, the target's {v_target}: the draft must "
@@ -129,7 +128,8 @@ def speculative_decode(
 ) -> list[Sequence]:
     """decode_tokens' interface (xlab/sampling.py), with decoding.draft proposing decoding.draft_tokens tokens per
     target forward. A row that reaches the end of the cache finishes with plain decoding (its sliding window)."""
-    check_draft(model, decoding.draft, cfg.name)
+    refuse_beam(cfg.name)
+    check_draft(model, decoding.draft)
     sampling = sampling and cfg.temperature > 0
     results = []
     for row in range(input_ids.shape[0]):
