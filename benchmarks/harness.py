@@ -14,6 +14,7 @@ wrappers must agree within 1e-4 (bf16 ones are only reported).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import statistics
@@ -83,8 +84,8 @@ def run_precision(precision: str, model, tok, hf_dir: Path, requests, args) -> d
 
     from xlab.harness import XLabLM
 
-    xlab = XLabLM(model, tok, batch_size=args.batch_size, precision=precision)
-    hf = HFLM(pretrained=str(hf_dir), add_bos_token=True, batch_size=args.batch_size, device="cpu",
+    xlab = XLabLM(copy.deepcopy(model), tok, batch_size=args.batch_size, precision=precision)  # bf16 casts it
+    hf = HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device="cpu",
               dtype=DTYPES[precision])
     tokens = sum(len(ctx) + len(cont) for ctx, cont in (xlab._encode_pair(*r.args) for r in requests))
     seconds, scores = bench({"XLabLM": xlab, "HFLM": hf}, requests, args.repeats)

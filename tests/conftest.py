@@ -76,6 +76,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, offline_env: Path) -> Pat
     run_cli(
         "train", *TINY, "trainer.max_steps=30", "trainer.eval_every=10", "trainer.ckpt_every=20",
         "trainer.log_every=5", "trainer.eval_batches=4", "scheduler.warmup_steps=5", "logger=tensorboard",
-        f"hydra.run.dir={run_dir}",
+        "trainer.eval_tasks=[xlab_continuation]", "trainer.eval_tasks_limit=16", f"hydra.run.dir={run_dir}",
     )
     return run_dir

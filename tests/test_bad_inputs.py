@@ -112,6 +112,8 @@ TRAIN_CASES = [
     (["trainer.max_time_s=inf"], "trainer.max_time_s=inf must be a finite number > 0"),
     (["trainer.early_stop_patience=0"], "trainer.early_stop_patience=0 must be >= 1"),
     (["trainer.eval_every=0"], "trainer.eval_every=0 must be >= 1"),
+    (["trainer.eval_tasks=[hellaswag]"], "Invalid value 'hellaswag', expected one of [xlab_continuation, xlab_cloze]"),
+    (["trainer.eval_tasks_limit=0"], "trainer.eval_tasks_limit=0 must be >= 1"),
     (["scheduler.min_lr_ratio=1.5"], "scheduler.min_lr_ratio=1.5 must be in [0, 1]"),
     (["scheduler.warmup_steps=-1"], "scheduler.warmup_steps=-1 must be >= 0"),
     (["scheduler.decay_fraction=nan"], "scheduler.decay_fraction=nan must be a finite number in [0, 1]"),

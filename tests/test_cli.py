@@ -43,6 +43,13 @@ def test_train_writes_checkpoints_metrics_and_events(tiny_run: Path):
     assert all(0 <= r["val/accuracy"] <= 100 for r in val)
     assert train[-1]["train/loss"] < train[0]["train/loss"]
     assert list((tiny_run / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(tiny_run / "tensorboard" / "xlab")).Reload()  # the scalars (hparams: a subdir)
+    for key in ("val/loss", "tasks/xlab_continuation/acc", "tasks/xlab_continuation/acc_norm"):  # in-loop task
+        events = logged.Scalars(key)
+        assert [e.step for e in events] == [r["step"] for r in val]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in val], rel=1e-6)  # stored as float32
 
 
 def test_evaluate_generate_export(tiny_run: Path, tmp_path: Path):

@@ -21,7 +21,10 @@ from safetensors.torch import load_file
 STEPS = 24
 COMMON = [*TINY, "trainer.precision=fp32", "trainer.log_every=2", "trainer.eval_every=8", "trainer.ckpt_every=8",
           "trainer.eval_batches=2", "scheduler=constant", "scheduler.warmup_steps=2",  # lr independent of max_steps
-          f"trainer.max_steps={STEPS}"]
+          f"trainer.max_steps={STEPS}",
+          # in-loop downstream tasks: dealt across ranks, so their accuracy must not depend on the world size
+          "trainer.eval_tasks=[xlab_continuation,xlab_cloze]", "trainer.eval_tasks_limit=25"]
+TASK_KEYS = ("tasks/xlab_continuation/acc", "tasks/xlab_continuation/acc_norm", "tasks/xlab_cloze/acc")
 TWO_RANKS = [*COMMON, "trainer.batch_size=4"]  # the global batch of one process with batch_size=8
 FSDP = [*TWO_RANKS, "trainer.strategy=fsdp"]
 # --standalone: a free rendezvous port, so that launches of concurrent test workers do not meet
@@ -89,6 +92,30 @@ def test_two_processes_follow_the_one_process_curve(ddp_run, single_run: Path):
         assert [r["step"] for r in ours] == [r["step"] for r in ref]
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], abs=1e-4)
     assert [r["tokens"] for r in records(ddp_run[0], "train/loss")][:3] == [1024, 2048, 3072]
+
+
+def test_in_loop_task_accuracy_is_the_same_on_one_and_two_ranks(ddp_run, fsdp_run, single_run: Path):
+    """25 items (odd: the ranks' shares differ, and FSDP's collective forwards must still pair up); every
+    evaluation's accuracies under DDP and FSDP equal one process's."""
+    def tasks(run: Path) -> list[dict]:
+        return [{k: r[k] for k in TASK_KEYS} for r in records(run, "val/loss")]
+
+    ref = tasks(single_run)
+    assert len(ref) == STEPS // 8 and all(0 <= v <= 1 for r in ref for v in r.values())
+    assert tasks(ddp_run[0]) == ref
+    assert tasks(fsdp_run[0]) == ref
+
+
+def test_in_loop_task_accuracy_equals_lm_evals_on_the_last_checkpoint(single_run: Path):
+    """What training logged at its last evaluation is what lm-eval's task machinery scores on the checkpoint."""
+    pytest.importorskip("lm_eval")
+    from xlab.harness import score_tasks
+
+    results, _ = score_tasks(single_run / "checkpoints" / "last", ["xlab_continuation", "xlab_cloze"], limit=25)
+    final = records(single_run, "val/loss")[-1]
+    for key in TASK_KEYS:
+        _, task, metric = key.split("/")
+        assert final[key] == results["results"][task][f"{metric},none"], key
 
 
 def test_one_metrics_file_identical_weights_on_both_ranks(ddp_run):

@@ -20,7 +20,7 @@ from test_bad_inputs import fails_in_one_line_in_process  # noqa: E402
 
 from xlab.datamodules import XLabDataModule  # noqa: E402
 from xlab.models import XLabModel  # noqa: E402
-from xlab.tasks import CONTINUATION, NUM_CHOICES, ContinuationSpec, write_local_tasks  # noqa: E402
+from xlab.tasks import CLOZE, CONTINUATION, NUM_CHOICES, ContinuationSpec, write_local_tasks  # noqa: E402
 
 TOL = 1e-5
 
@@ -115,8 +115,8 @@ def test_hf_export_through_lm_evals_hf_wrapper_scores_the_same(ckpt, setup, xlab
     from xlab.models.hf import export_hf
 
     out = export_hf(ckpt, tmp_path / "hf")  # what `python -m xlab.export format=hf` runs (tested in test_hf_interop)
-    # add_bos_token=True: the export's tokenizer adds no <sos>, which XLab models saw first in every document
-    hf = HFLM(pretrained=str(out), add_bos_token=True, batch_size=4, device="cpu", dtype="float32")
+    # lm-eval's defaults: the export's tokenizer leads each text with <sos> by itself, as XLabLM does
+    hf = HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32")
     hf_results = run_tasks(hf, [CONTINUATION], setup[2], log_samples=True)
     ours, theirs = xlab_results["results"][CONTINUATION], hf_results["results"][CONTINUATION]
     assert ours["acc,none"] == theirs["acc,none"]
@@ -126,17 +126,27 @@ def test_hf_export_through_lm_evals_hf_wrapper_scores_the_same(ckpt, setup, xlab
         assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-4)
 
 
-def test_cli_writes_eval_tasks_json(ckpt: Path):
-    proc = run_cli("evaluate", f"ckpt={ckpt}", f"tasks=[{CONTINUATION}]", "limit=6", "num_fewshot=1",
+def test_cli_writes_eval_tasks_json_and_results_shows_it(ckpt: Path, tmp_path: Path):
+    proc = run_cli("evaluate", f"ckpt={ckpt}", f"tasks=[{CONTINUATION},{CLOZE}]", "limit=6", "num_fewshot=1",
                    "batch_size=4")
-    assert f"|{CONTINUATION}|" in proc.stdout
+    assert f"|{CONTINUATION}|" in proc.stdout and f"|{CLOZE}" in proc.stdout
     record = json.loads((ckpt / "eval_tasks.json").read_text())
-    rows = {row["metric"]: row for row in record["rows"]}
-    assert set(rows) == {"acc", "acc_norm"}
-    for row in rows.values():
-        assert row["task"] == CONTINUATION and row["num_fewshot"] == 1 and row["limit"] == 6
-        assert 0.0 <= row["value"] <= 1.0 and row["stderr"] is not None
+    rows = {(row["task"], row["metric"]): row for row in record["rows"]}
+    assert set(rows) == {(CONTINUATION, "acc"), (CONTINUATION, "acc_norm"), (CLOZE, "acc"), (CLOZE, "perplexity")}
+    for (_, metric), row in rows.items():
+        assert row["num_fewshot"] == 1 and row["limit"] == 6 and row["stderr"] is not None
+        assert 0.0 <= row["value"] <= 1.0 or metric == "perplexity" and row["value"] > 1
         assert row["lm_eval_version"] == record["lm_eval_version"]
+
+    run = tmp_path / "run"  # a run dir whose last checkpoint is this one: xlab.results adds the task columns
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last").symlink_to(ckpt)
+    (run / "metrics.jsonl").write_text("")
+    table = run_cli("results", str(run)).stdout
+    header, _, row = table.splitlines()[:3]
+    cells = dict(zip(header.split("|"), row.split("|")))
+    acc = rows[(CONTINUATION, "acc")]
+    assert cells[f" {CONTINUATION} acc "] == f" {acc['value']:.3f} ± {acc['stderr']:.3f} "
 
 
 @pytest.mark.parametrize("name, expect", [("no_such_task", "unknown to lm-eval"),

@@ -77,6 +77,7 @@ def test_cli_export_hf_loads_offline_with_same_logits_and_token_ids(tiny_run: Pa
     text = "Return  the\tlist —  naïve café 数字 🙂\n\n  <|eos|> end<|sos|>x"
     ids = tok.encode(text)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    assert hf_tok(text)["input_ids"] == [tok.sos_id, *ids]  # led by <sos>, as every training document is
     assert tok[tok.eos_token] in ids  # special tokens in text are matched as specials by both
     assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id == tok.sos_id
 

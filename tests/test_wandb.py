@@ -146,7 +146,8 @@ def test_cli_sweep_runs_share_a_group_and_resume_continues_the_run(no_credential
     then one job resumed with more steps logs to the same W&B run id."""
     sweep = tmp_path / "sweep"
     tiny = [a for a in TINY if not a.startswith(("model.n_layer=", "logger="))]
-    common = [*tiny, "logger=wandb", "logger.tags=[tiny]", "trainer.eval_batches=1", "trainer.log_every=2"]
+    common = [*tiny, "logger=wandb", "logger.tags=[tiny]", "trainer.eval_batches=1", "trainer.log_every=2",
+              "trainer.eval_tasks=[xlab_cloze]", "trainer.eval_tasks_limit=8"]
     proc = run_cli("train", "-m", "model.n_layer=1,2", *common, "trainer.max_steps=4", f"hydra.sweep.dir={sweep}")
     assert (proc.stdout + proc.stderr).count("wandb sync") == 2  # once per job
     runs = []
@@ -157,9 +158,11 @@ def test_cli_sweep_runs_share_a_group_and_resume_continues_the_run(no_credential
         assert logged["group"] == f"{tmp_path.name}/sweep" and logged["name"] == f"sweep/{job}"
         assert logged["tags"] == ["tiny"] and logged["config"]["model.n_layer"] == int(job) + 1
         assert [s for s, _ in logged["history"]] == [2, 4]
-        assert logged["history"][-1][1]["val/loss"] == metrics[-1]["val/loss"]
+        for key in ("val/loss", "tasks/xlab_cloze/acc"):  # an in-loop task's accuracy beside val loss
+            assert logged["history"][-1][1][key] == metrics[-1][key]
         runs.append(logged)
     assert runs[0]["id"] != runs[1]["id"]
+    assert "| xlab_cloze/acc |" in (sweep / "summary.md").read_text()  # the sweep table shows the in-loop task
     state = json.loads((sweep / "0" / "checkpoints" / "last" / "state.json").read_text())
     assert state["trackers"] == {"wandb": runs[0]["id"]}
 

@@ -103,6 +103,13 @@ class OnNan(Choice):
     skip = "skip"  # drop the update, count it (skipped_steps)
 
 
+class LocalTask(Choice):
+    """The tasks built from a run's own predict split (xlab/tasks), which training can score in the loop."""
+
+    xlab_continuation = "xlab_continuation"  # 4-way multiple choice: which continuation is the document's own
+    xlab_cloze = "xlab_cloze"  # the passage's next word (LAMBADA-style)
+
+
 class Tracker(Choice):
     """Experiment trackers, as Accelerate names them (its own tracker classes do the work)."""
 
@@ -432,10 +439,14 @@ class TrainerConfig(Schema):
     small_data_regularization: bool = True
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
                                      # max_steps. For probes and hard budgets; equal-time comparisons set max_steps
+    # Local downstream tasks scored at every evaluation, logged as tasks/<task>/<metric> beside val loss
+    # (xlab/tasks/inloop.py); the first eval_tasks_limit items of each, dealt across ranks
+    eval_tasks: list[LocalTask] = field(default_factory=list)
+    eval_tasks_limit: int = 200
 
     LIMITS = {
         "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1,
-        "ckpt_every": AT_LEAST_1, "log_every": AT_LEAST_1,
+        "ckpt_every": AT_LEAST_1, "log_every": AT_LEAST_1, "eval_tasks_limit": AT_LEAST_1,
         # A stop request (SIGTERM, Ctrl-C, max_time_s) is honoured between optimizer steps, so a step must stay
         # short; and one step's window starts are drawn at once (xlab/data/datamodule.py). More: raise batch_size.
         "grad_accum_steps": Range(1, 1024),
@@ -496,7 +507,8 @@ class EvaluateConfig(Schema):
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     paths: PathsConfig = field(default_factory=PathsConfig)
     # lm-evaluation-harness tasks (xlab/harness.py): empty = the split's loss and bits per byte above. Local tasks
-    # (xlab/tasks: xlab_continuation) are built from the checkpoint's predict split; lm-eval's own need their data.
+    # (xlab/tasks: xlab_continuation, xlab_cloze) are built from the checkpoint's predict split; lm-eval's own
+    # need their data.
     # With tasks, precision auto means fp32 (exact log-likelihoods); bf16 autocasts.
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None  # documents per task; None = all

@@ -102,13 +102,20 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.count == 1:
             self.signal = signum
-            log.warning("received %s: stopping after this step and saving a checkpoint", name)
+            self._say("received %s: stopping after this step and saving a checkpoint", name)
         elif self.count == 2:
-            log.warning("received %s again: no more steps or evaluation, exiting once the checkpoint is written; "
-                        "a third signal kills the run at once, without it", name)
+            self._say("received %s again: no more steps or evaluation, exiting once the checkpoint is written; "
+                      "a third signal kills the run at once, without it", name)
         else:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+
+    @staticmethod
+    def _say(msg: str, *args: object) -> None:
+        """Log from another thread: the signal may land while this thread is inside a write of the same log file,
+        and logging from the handler would re-enter it (RuntimeError: reentrant call); the thread waits for the
+        handler's lock instead."""
+        threading.Thread(target=log.warning, args=(msg, *args)).start()
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():

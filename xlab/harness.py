@@ -16,7 +16,6 @@ This module imports lm-eval at the top: only `xlab.evaluate` imports it, and onl
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -30,14 +29,18 @@ from xlab.errors import XLabError
 
 class XLabLM(TemplateLM):
     """An XLabModel and its XLabTokenizer as an lm-eval model: loglikelihood, loglikelihood_rolling, generate_until.
-    precision: "fp32" (exact) or "bf16" (autocast on the model's device)."""
+    precision: "fp32" (exact) or "bf16": the model's weights are cast to bf16 in place (as HFLM's dtype=bfloat16
+    loads them; autocast would cast every weight again at every forward)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, precision: str = "fp32") -> None:
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise XLabError(f"precision={precision!r} is not valid for XLabLM; valid: fp32, bf16")
         self.model, self.tok, self.batch_size = model.eval(), tokenizer, int(batch_size)
-        self.precision = precision
+        if precision == "bf16":
+            from xlab.decoding import for_inference
+
+            for_inference(self.model, "bf16")
 
     @property
     def eot_token_id(self) -> int:
@@ -67,22 +70,17 @@ class XLabLM(TemplateLM):
             return ids
         return [self.tok.sos_id, *ids]
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     @torch.no_grad()
-    def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        """Log-softmax (fp32, on the CPU) of the model's logits for right-padded rows: (B, T, V). Right padding
-        leaves every real position's logits as they are (attention is causal)."""
+    def _logprobs(self, rows: list[list[int]], scored: list[int]) -> list[torch.Tensor]:
+        """Per right-padded row, the log-softmax (fp32, on the CPU) of the logits at its last scored[i] positions:
+        only those are normalised. Right padding leaves every real position's logits as they are (causal)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tok.eos_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        with self._autocast():
-            logits = self.model(ids.to(self.device))
-        return F.log_softmax(logits.float(), dim=-1).cpu()
+        logits = self.model(ids.to(self.device))
+        return [F.log_softmax(logits[i, len(r) - n: len(r)].float(), dim=-1).cpu()
+                for i, (r, n) in enumerate(zip(rows, scored))]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding would produce it) for each request
@@ -95,9 +93,8 @@ class XLabLM(TemplateLM):
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
             rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
-            logprobs = self._logprobs(rows)
-            for (key, _, cont), row, lp in zip(chunk, rows, logprobs):
-                picked = lp[len(row) - len(cont): len(row)]  # the positions that predict the continuation
+            logprobs = self._logprobs(rows, [len(cont) for _, _, cont in chunk])
+            for (key, _, cont), picked in zip(chunk, logprobs):  # picked: the positions predicting the continuation
                 target = torch.tensor(cont)
                 score = float(picked.gather(-1, target[:, None]).sum())
                 greedy = bool((picked.argmax(-1) == target).all())

@@ -1,7 +1,8 @@
 """`python -m xlab.results RUN_OR_SWEEP_DIR [...] [--split test]`: the results table of runs on a held-out split.
 
 For each run (a sweep dir stands for its jobs) and each of its `best` and `last` checkpoints: loss, next-token
-accuracy and bits per byte on the split (test by default: the split no choice was tuned on). A checkpoint is scored
+accuracy and bits per byte on the split (test by default: the split no choice was tuned on), and the downstream
+tasks of its eval_tasks.json where `xlab.evaluate tasks=[...]` wrote one (value ± stderr). A checkpoint is scored
 once: its eval_<split>.json is reused when it already holds bits per byte. The table is printed and written to
 results.md in the sweep dir (or the first run dir), or to --out.
 """
@@ -36,8 +37,20 @@ def checkpoint_scores(run: Path, split: str, batch_size: int, device: str) -> li
         if "bits_per_byte" not in scores:
             scores = score_checkpoint(target, split, batch_size, device=device)
         seen[target] = len(rows)
-        rows.append((name, target.name, scores))
+        rows.append((name, target.name, {**scores, "tasks": task_scores(target)}))
     return rows
+
+
+def task_scores(step_dir: Path) -> dict[str, str]:
+    """"<task> <metric>" → "value ± stderr" from the checkpoint's eval_tasks.json; {} without one."""
+    path = step_dir / "eval_tasks.json"
+    if not path.is_file():
+        return {}
+    cells = {}
+    for row in json.loads(path.read_text())["rows"]:
+        stderr = f" ± {row['stderr']:.3f}" if row.get("stderr") is not None else ""
+        cells[f"{row['task']} {row['metric']}"] = f"{row['value']:.3f}{stderr}"
+    return cells
 
 
 def results_table(inputs: list[Path], split: str = "test", batch_size: int = 8, device: str = "auto") -> str:
@@ -46,15 +59,18 @@ def results_table(inputs: list[Path], split: str = "test", batch_size: int = 8, 
     runs: list[Path] = []
     for path in inputs:
         runs += [r for r in runs_in(path) if r not in runs]
-    lines = [f"| Version | Checkpoint | Loss ({split}) | Accuracy ({split}) | Bits per byte ({split}) |",
-             "|---|---|---|---|---|"]
+    table = []
     for run, label in zip(runs, run_labels(runs)):
         rows = checkpoint_scores(run, split, batch_size, device)
         if not rows:
             raise XLabError(f"{str(run)!r} has no checkpoints/best or checkpoints/last")
-        for name, step_dir, s in rows:
-            lines.append(f"| {label} | {name} ({step_dir}) | {s['loss']:.4f} | {s['accuracy']:.2f}% | "
-                         f"{s['bits_per_byte']:.4f} |")
+        table += [(label, *row) for row in rows]
+    tasks = list(dict.fromkeys(k for *_, s in table for k in s["tasks"]))
+    lines = [f"| Version | Checkpoint | Loss ({split}) | Accuracy ({split}) | Bits per byte ({split}) |"
+             + "".join(f" {t} |" for t in tasks), "|---|---|---|---|---|" + "---|" * len(tasks)]
+    for label, name, step_dir, s in table:
+        lines.append(f"| {label} | {name} ({step_dir}) | {s['loss']:.4f} | {s['accuracy']:.2f}% | "
+                     f"{s['bits_per_byte']:.4f} |" + "".join(f" {s['tasks'].get(t, '')} |" for t in tasks))
     return "\n".join(lines) + "\n"
 
 

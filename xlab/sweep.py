@@ -40,6 +40,7 @@ class JobResult:
     val_bpb: float | None = None  # bits per byte of that evaluation: compares across tokenizers
     val_accuracy: float | None = None
     tok_per_s: float | None = None  # median over the run's train lines (the first interval includes warm-up)
+    tasks: dict[str, float] = field(default_factory=dict)  # trainer.eval_tasks at that evaluation: "<task>/<metric>"
 
 
 def _split_override(text: str) -> tuple[str, str]:
@@ -69,6 +70,7 @@ def read_job(path: Path) -> JobResult:
     if val:
         job.val_loss, job.val_accuracy = val[-1]["val/loss"], val[-1]["val/accuracy"]
         job.val_bpb = val[-1].get("val/bpb")  # runs from before bits per byte have none
+        job.tasks = {k.removeprefix("tasks/"): v for k, v in val[-1].items() if k.startswith("tasks/")}
     speeds = [r["tok_per_s"] for r in train if "tok_per_s" in r]
     if speeds:
         job.tok_per_s = statistics.median(speeds)
@@ -118,15 +120,16 @@ def _short(value: str) -> str:
 def write_summary(sweep_dir: Path, jobs: list[JobResult]) -> tuple[Path, Path]:
     """summary.csv (every override key, full precision) and summary.md (the overrides that differ between jobs)."""
     keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    tasks = list(dict.fromkeys(k for job in jobs for k in job.tasks))
     varying = [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
     common = [f"{k}={jobs[0].overrides[k]}" for k in keys if k not in varying and k in jobs[0].overrides]
 
     csv_path = sweep_dir / "summary.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", *keys, *RESULT_COLUMNS, "dir"])
+        writer.writerow(["job", *keys, *RESULT_COLUMNS, *tasks, "dir"])
         for job in jobs:
-            results = [getattr(job, c) for c in RESULT_COLUMNS]
+            results = [getattr(job, c) for c in RESULT_COLUMNS] + [job.tasks.get(t) for t in tasks]
             writer.writerow([job.num, *(job.overrides.get(k, "") for k in keys),
                              *("" if v is None else v for v in results), job.path.relative_to(sweep_dir)])
 
@@ -135,13 +138,13 @@ def write_summary(sweep_dir: Path, jobs: list[JobResult]) -> tuple[Path, Path]:
     lines = [f"# Sweep {sweep_dir}", "", f"{len(jobs)} jobs, {len(done)} with a final evaluation."]
     if common:
         lines += ["", "Common overrides: `" + " ".join(common) + "`"]
-    header = ["job", *varying, "val loss", "val bpb", "val acc (%)", "tok/s", "step", "dir"]
+    header = ["job", *varying, "val loss", "val bpb", "val acc (%)", *tasks, "tok/s", "step", "dir"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for job in jobs:
         mark = " **best**" if job is best and len(done) > 1 else ""
         cells = [_fmt(job.num, 0), *(_short(job.overrides.get(k, "")) for k in varying),
-                 _fmt(job.val_loss, 4) + mark, _fmt(job.val_bpb, 4), _fmt(job.val_accuracy, 2), _fmt(job.tok_per_s, 0),
-                 _fmt(job.step, 0),
+                 _fmt(job.val_loss, 4) + mark, _fmt(job.val_bpb, 4), _fmt(job.val_accuracy, 2),
+                 *(_fmt(job.tasks.get(t), 3) for t in tasks), _fmt(job.tok_per_s, 0), _fmt(job.step, 0),
                  str(job.path.relative_to(sweep_dir))]
         lines.append("| " + " | ".join(cells) + " |")
     if best is not None and len(done) > 1:

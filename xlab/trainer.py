@@ -44,6 +44,7 @@ from xlab.precision import autocast_for, resolve_precision  # noqa: F401  (autoc
 from xlab.rundir import check_run_dir, clear_run_dir
 from xlab.runtime import keep_freed_memory
 from xlab.schedulers import build_scheduler, check_scheduler_config
+from xlab.tasks.inloop import TaskScorer
 from xlab.tokenizer import check_tokenizer_config
 from xlab.train_metrics import IntervalMetrics
 from xlab.train_state import TrainState
@@ -206,6 +207,10 @@ class Trainer:
         self.tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum_steps  # per process
         self.train_tokens = len(self.datamodule.tokens("train"))
         self.datamodule.check_split("val", self.seq_len)  # now, not at the first evaluation after training
+        self.task_scorer = None
+        if self.t.eval_tasks:  # built now: a predict split too small for the tasks fails before training
+            self.task_scorer = TaskScorer([str(t) for t in self.t.eval_tasks], self.datamodule, self.seq_len,
+                                          self.t.eval_tasks_limit)
         self.epochs = self.t.max_steps * self.tokens_per_step * self.world / max(self.train_tokens, 1)
         changed = regularize_small_data(self.cfg, self.epochs)
         if changed and self.main:
@@ -387,10 +392,14 @@ class Trainer:
         improved = self.state.observe_val(result["loss"], result["bits_per_byte"])
         record = {"step": self.state.step, "tokens": self.state.tokens, "val/loss": result["loss"],
                   "val/bpb": result["bits_per_byte"], "val/accuracy": result["accuracy"]}
+        if self.task_scorer is not None:
+            record.update(self.task_scorer.score(self.model, self.device, self.accelerator.autocast,
+                                                 self._sum_over_ranks, self.accelerator.process_index, self.world))
         self._write(record, {k: v for k, v in record.items() if "/" in k})
         if self.main:
-            log.info("step %d: val loss %.4f, val bpb %.4f, val accuracy %.2f%%%s", self.state.step, result["loss"],
-                     result["bits_per_byte"], result["accuracy"], " (best)" if improved else "")
+            tasks = "".join(f", {k.removeprefix('tasks/')} {v:.3f}" for k, v in record.items() if k[:6] == "tasks/")
+            log.info("step %d: val loss %.4f, val bpb %.4f, val accuracy %.2f%%%s%s", self.state.step, result["loss"],
+                     result["bits_per_byte"], result["accuracy"], tasks, " (best)" if improved else "")
         return result, improved
 
     def should_stop_early(self) -> bool:

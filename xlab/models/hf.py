@@ -250,7 +250,8 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(contained(ckpt, TOKENIZER)), bos_token=tok.sos_token, eos_token=tok.eos_token,
-        pad_token=tok.pad_token, unk_token=tok.unk_token, model_max_length=model.max_len)
+        pad_token=tok.pad_token, unk_token=tok.unk_token, model_max_length=model.max_len,
+        add_bos_token=True)  # every training document starts with <sos>: tokenizer(text) gives what the model saw
     ids = {"bos": fast.bos_token_id, "eos": fast.eos_token_id, "pad": fast.pad_token_id}
     to_hf_model(model, ids).save_pretrained(out)
     fast.save_pretrained(out)

@@ -1,10 +1,14 @@
 """Local lm-evaluation-harness tasks built from a checkpoint's own data, so downstream evaluation runs offline.
 
-`xlab_continuation` (4-way multiple choice): the context is a stretch of a held-out document (the predict split),
-the choices are its own next tokens and the next tokens of stretches of three other documents; which one is the
-document's own? A model that learned the corpus beats chance (25%) by reading the context. The task definition is
-the YAML template beside this file (`_continuation_template_yaml`); `write_local_tasks` writes the data as JSONL and
-a `<task>.yaml` that includes the template and names that file, for `lm_eval.tasks.TaskManager(include_path=dir)`.
+Both are made of disjoint windows of held-out documents (the predict split):
+- `xlab_continuation` (4-way multiple choice): the context is a window's first tokens, the choices its own next
+  tokens and the next tokens of windows of three other documents; which one is the document's own? A model that
+  learned the corpus beats chance (25%) by reading the context.
+- `xlab_cloze` (LAMBADA-style cloze): the context is a window up to its last whole word (in the window's second
+  half), the target that word; acc = greedy decoding gives the word exactly, perplexity = of the word.
+Each task definition is a YAML template beside this file (`_<kind>_template_yaml`); `write_local_tasks` writes the
+data as JSONL and a `<task>.yaml` that includes the template and names that file, for
+`lm_eval.tasks.TaskManager(include_path=dir)`. Training scores the same items in the loop (xlab/tasks/inloop.py).
 Nothing here imports lm-eval: building the files needs only the tokenizer and the token files.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,9 +25,14 @@ from xlab.errors import XLabError
 from xlab.fsio import write_file
 
 CONTINUATION = "xlab_continuation"
-LOCAL_TASKS = (CONTINUATION,)
-TEMPLATE = Path(__file__).resolve().with_name("_continuation_template_yaml")
+CLOZE = "xlab_cloze"
+LOCAL_TASKS = (CONTINUATION, CLOZE)
+TEMPLATES = {CONTINUATION: Path(__file__).resolve().with_name("_continuation_template_yaml"),
+             CLOZE: Path(__file__).resolve().with_name("_cloze_template_yaml")}
 NUM_CHOICES = 4
+# A cloze target: a whole word of letters after one space, followed by a non-letter inside the window (so the
+# window did not cut it); three letters at least, so that it is a word to recall rather than "a" or "of".
+CLOZE_WORD = re.compile(r" [A-Za-z]{3,}(?=[^A-Za-z])")
 
 
 @dataclass(frozen=True)
@@ -80,24 +90,47 @@ def continuation_docs(windows: list[tuple[int, list[int]]], tokenizer, spec: Con
     return items
 
 
+def cloze_docs(windows: list[tuple[int, list[int]]], tokenizer, spec: ContinuationSpec) -> list[dict]:
+    """One cloze item per window with a target word in its second half: the context is the text before the last
+    such word, the target " word"."""
+    items = []
+    for i, (doc, ids) in enumerate(windows):
+        text = tokenizer.decode(ids)
+        words = [m for m in CLOZE_WORD.finditer(text) if m.start() >= len(text) // 2]
+        if words:
+            items.append({"id": i, "document": doc, "context": text[:words[-1].start()], "target": words[-1].group()})
+    return items
+
+
+BUILDERS = {CONTINUATION: continuation_docs, CLOZE: cloze_docs}
+
+
+def task_items(datamodule, spec: ContinuationSpec = ContinuationSpec()) -> dict[str, list[dict]]:
+    """Each local task's items, built from the predict split of `datamodule` (what its JSONL file holds)."""
+    tok = datamodule.tokenizer
+    windows = document_windows(datamodule.tokens("predict"), tok, spec)
+    items = {name: build(windows, tok, spec) for name, build in BUILDERS.items()}
+    if len(items[CONTINUATION]) < NUM_CHOICES or not items[CLOZE]:
+        length = spec.prompt_tokens + spec.continuation_tokens
+        raise XLabError(f"the local tasks need documents of more than {length} tokens in the predict split, from at "
+                        f"least {NUM_CHOICES} different documents; it gives {len(items[CONTINUATION])} "
+                        f"{CONTINUATION} and {len(items[CLOZE])} {CLOZE} items (use more data)")
+    return items
+
+
 def write_local_tasks(datamodule, out_dir: str | Path, spec: ContinuationSpec = ContinuationSpec()) -> Path:
-    """Write xlab_continuation's data (JSONL) and task YAML into out_dir from the predict split of `datamodule`;
+    """Write each local task's data (JSONL) and task YAML into out_dir from the predict split of `datamodule`;
     returns out_dir, for TaskManager(include_path=...)."""
     import yaml
 
-    items = continuation_docs(document_windows(datamodule.tokens("predict"), datamodule.tokenizer, spec),
-                              datamodule.tokenizer, spec)
-    if len(items) < NUM_CHOICES:
-        length = spec.prompt_tokens + spec.continuation_tokens
-        raise XLabError(f"{CONTINUATION} needs documents of more than {length} tokens in the predict split, from "
-                        f"at least {NUM_CHOICES} different documents; it has {len(items)} items (use more data)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / f"{CONTINUATION}.jsonl"
-    write_file(data, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in items))
-    task = {"include": str(TEMPLATE), "task": CONTINUATION, "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "metadata": {"version": 1.0, **asdict(spec), "num_items": len(items)}}
-    write_file(out / f"{CONTINUATION}.yaml", yaml.safe_dump(task, sort_keys=False))
+    for name, items in task_items(datamodule, spec).items():
+        data = out / f"{name}.jsonl"
+        write_file(data, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in items))
+        task = {"include": str(TEMPLATES[name]), "task": name, "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "metadata": {"version": 1.0, **asdict(spec), "num_items": len(items)}}
+        write_file(out / f"{name}.yaml", yaml.safe_dump(task, sort_keys=False))
     return out
 
 
