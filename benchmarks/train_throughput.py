@@ -1,11 +1,13 @@
-"""Training-step throughput of XLab models against the transformers models of the same shape, in one run.
+"""Training-step throughput of XLab models against peers of the same shape and weights, in one run.
 
-One step = forward + loss + backward + fused AdamW update on random tokens, each framework its own way: XLab's
-training path `model(x, targets=y)` (fused chunked head + cross-entropy + accuracy, see xlab/models/loss.py), and
-transformers' `model(input_ids=x, labels=x).loss`. The peer is the transformers model that computes the same
-function with the same weights (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM; `xlab.models.hf`). Medians of
-the timed steps after warm-up, the two models taking turns step by step; eager and under torch.compile, fp32 and
-bf16 autocast.
+One step = forward + loss + backward + fused AdamW update on random tokens, each model its own way: XLab's
+training path `model(x, targets=y)` (fused chunked head + cross-entropy + accuracy, see xlab/models/loss.py); the
+plain PyTorch GPT of benchmarks/reference_gpt.py (nanoGPT style: SDPA is_causal, materialised logits +
+F.cross_entropy; GPT-2 blocks only, `ReferenceGPT`); and the transformers model that computes the same function
+(GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM; `xlab.models.hf`), `model(input_ids=x, labels=x).loss`.
+Both peers start from XLab's weights (the reference's loss at init is printed beside XLab's). Medians of the timed
+steps after warm-up, all models taking turns step by step; one row per peer, each with XLab's tok/s of that same
+run and the ratio; eager and under torch.compile, fp32 and bf16 autocast.
 
     # the performance issue's shape (6 x 384, 6 heads, ctx 256, batch 8, vocab 8192), GPT-2 and Llama, fp32 and
     # bf16, eager and compiled:
@@ -57,7 +59,7 @@ def preset(name: str, overrides: list[str]) -> dict:
 
 
 def make_step(model: torch.nn.Module, kind: str, x: torch.Tensor, dtype: torch.dtype | None):
-    """One training step of `model` (kind: xlab | plain | hf) on the batch x, as a closure."""
+    """One training step of `model` (kind: xlab | plain | reference | hf) on the batch x, as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     inputs, targets = x[:, :-1], x[:, 1:]
 
@@ -65,10 +67,11 @@ def make_step(model: torch.nn.Module, kind: str, x: torch.Tensor, dtype: torch.d
         with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             if kind == "xlab":
                 loss = model(inputs, targets=targets).objective
-            elif kind == "plain":  # XLab before the fused head: materialised logits, fp32 cross-entropy, argmax
+            elif kind in ("plain", "reference"):  # materialised logits, fp32 cross-entropy (summed, as XLab's)
                 logits = model(inputs)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-                (logits.argmax(-1) == targets).sum()
+                if kind == "plain":  # XLab before the fused head also counted the correct predictions
+                    (logits.argmax(-1) == targets).sum()
             else:
                 loss = model(input_ids=inputs, labels=inputs).loss
         loss.backward()
@@ -211,36 +214,50 @@ def main() -> None:
     for name in args.presets:
         overrides = [f"max_len={args.seq}", *args.set] + (["attn_impl=sdpa"] if args.plain_xlab else [])
         model = XLabModel(args.vocab, **preset(name, overrides)).to(args.device).train()
-        peer = None
-        if not args.no_peer:
-            from xlab.models.hf import to_hf_model
-
-            try:
-                peer = to_hf_model(model).to(args.device).train()
-            except XLabError as err:
-                print(f"<!-- {name}: no transformers peer: {err} -->")
+        peers = [] if args.no_peer else make_peers(model, name, x)
         for precision in args.precision:
             dtype = torch.bfloat16 if precision == "bf16" else None
             for mode in args.modes:
                 wrap = torch.compile if mode == "compiled" else (lambda m: m)
                 ours_step = make_step(wrap(model), "plain" if args.plain_xlab else "xlab", x, dtype)
-                theirs_step = make_step(wrap(peer), "hf", x, dtype) if peer is not None else None
-                timed = measure([s for s in (ours_step, theirs_step) if s is not None], args.steps, args.warmup)
+                peer_steps = [make_step(wrap(peer), kind, x, dtype) for _, peer, kind in peers]
+                timed = measure([ours_step, *peer_steps], args.steps, args.warmup)
                 ours, ours_first = timed[0]
-                row = f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {mode} | {tokens / ours:,.0f} |"
-                if theirs_step is not None:
-                    theirs, theirs_first = timed[1]
-                    row += (f" {type(peer).__name__} | {tokens / theirs:,.0f} | **{theirs / ours:.2f}** |"
-                            f" {ours_first:.1f} s / {theirs_first:.1f} s |")
-                else:
-                    row += f" - | - | - | {ours_first:.1f} s |"
-                print(row, flush=True)
+                row = f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {mode} |"
+                for (label, _, _), (theirs, theirs_first) in zip(peers, timed[1:]):
+                    print(f"{row} {tokens / ours:,.0f} | {label} | {tokens / theirs:,.0f} | **{theirs / ours:.2f}** |"
+                          f" {ours_first:.1f} s / {theirs_first:.1f} s |", flush=True)
+                if not peers:
+                    print(f"{row} {tokens / ours:,.0f} | - | - | - | {ours_first:.1f} s |", flush=True)
                 if args.profile and mode == "eager":
                     profile(ours_step, args.profile, f"XLab {name} {precision} {mode}")
-                    if theirs_step is not None:
-                        profile(theirs_step, args.profile, f"{type(peer).__name__} {precision} {mode}")
+                    for (label, _, _), step in zip(peers, peer_steps):
+                        profile(step, args.profile, f"{label} {precision} {mode}")
                 torch._dynamo.reset()
 
+
+def make_peers(model: XLabModel, name: str, x: torch.Tensor) -> list[tuple[str, torch.nn.Module, str]]:
+    """(label, module, make_step kind) of each peer of `model` that exists: the plain PyTorch GPT
+    (benchmarks/reference_gpt.py; GPT-2 blocks only) and the transformers model, both holding model's weights."""
+    from reference_gpt import ReferenceGPT
+
+    from xlab.models.hf import to_hf_model
+
+    peers = []
+    try:
+        ref = ReferenceGPT.like(model).train()
+        with torch.no_grad():  # the same weights must give the same loss, or the race is between different models
+            ours, theirs = model(x[:, :-1], targets=x[:, 1:]).ce / x[:, 1:].numel(), ref(x[:, :-1], x[:, 1:])
+        print(f"<!-- {name}: loss at init XLab {ours.item():.5f}, ReferenceGPT {theirs.item():.5f} -->")
+        peers.append(("ReferenceGPT", ref, "reference"))
+    except ValueError as err:
+        print(f"<!-- {name}: no plain PyTorch peer: {err} -->")
+    try:
+        hf = to_hf_model(model).to(model.device).train()
+        peers.append((type(hf).__name__, hf, "hf"))
+    except XLabError as err:
+        print(f"<!-- {name}: no transformers peer: {err} -->")
+    return peers
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[\d,.]+"
 
@@ -27,7 +29,45 @@ def test_train_throughput_against_transformers_prints_ratios():
         rows = re.findall(rf"\| \w+ \| {NUMBER}M \| (fp32|bf16) \| eager \| {NUMBER} \| {peer} \| {NUMBER} \| "
                           rf"\*\*{NUMBER}\*\* \|", out)
         assert rows == ["fp32", "bf16"], out
-    assert out.count("#### top ops") == 8 and "aten::mm" in out  # XLab and the peer, 2 models x 2 precisions
+    # XLab and its peers (gpt2: the plain GPT and transformers; llama: transformers) at 2 precisions
+    assert out.count("#### top ops") == 10 and "aten::mm" in out
+
+
+def test_train_throughput_against_the_plain_pytorch_gpt_prints_ratios():
+    out = run("train_throughput.py", "--presets", "gpt2_tiny", "--set", "n_layer=1", "d_model=32", "n_head=2",
+              "bias=false", "--vocab", "64", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
+              "--modes", "eager", "--precision", "fp32", "bf16")
+    rows = re.findall(rf"\| gpt2_tiny \| {NUMBER}M \| (fp32|bf16) \| eager \| {NUMBER} \| ReferenceGPT \| "
+                      rf"{NUMBER} \| \*\*{NUMBER}\*\* \|", out)
+    assert rows == ["fp32", "bf16"], out
+    ours, theirs = re.search(rf"loss at init XLab ({NUMBER}), ReferenceGPT ({NUMBER})", out).groups()
+    assert ours == theirs, out  # the same weights: the race is between two ways of computing one model
+    assert "no transformers peer" in out  # bias-free GPT-2 has no exact transformers class; the plain peer runs
+
+
+def test_reference_gpt_computes_xlab_gpt_loss_and_gradients():
+    import importlib.util
+
+    import torch
+
+    from xlab.models import XLabModel
+
+    spec = importlib.util.spec_from_file_location("reference_gpt", ROOT / "benchmarks" / "reference_gpt.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    x = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    for bias in (True, False):
+        model = XLabModel(50, n_layer=2, n_head=2, d_model=16, max_len=8, pos_emb="learned", norm="layernorm",
+                          mlp="gelu", bias=bias, tie_embeddings=True)
+        ref = reference.ReferenceGPT.like(model)
+        ours = model(x[:, :-1], targets=x[:, 1:]).objective / x[:, 1:].numel()
+        theirs = ref(x[:, :-1], x[:, 1:])
+        torch.testing.assert_close(ours, theirs)
+        ours.backward(), theirs.backward()
+        torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, ref.blocks[0].attn.qkv.weight.grad)
+        torch.testing.assert_close(model.tok_emb.weight.grad, ref.tok_emb.weight.grad)
+    with pytest.raises(ValueError, match="GPT-2 block only"):  # the default, Llama-style block
+        reference.ReferenceGPT.like(XLabModel(50, n_layer=1, d_model=16, n_head=2, max_len=8))
 
 
 def test_attention_benchmark_prints_both_impls():

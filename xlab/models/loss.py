@@ -114,8 +114,11 @@ def _chunked(h, weight, targets, softcap, z_loss, need_grads):
             if softcap:
                 grad.mul_(1 - capped.square())
             grad = grad.to(dtype)
-            grad_h[start : start + rows] = grad @ w
-            grad_w += (grad.T @ hs).float()
+            torch.mm(grad, w, out=grad_h[start : start + rows])  # straight into its rows, no temporary
+            if dtype == torch.float32:  # accumulated inside the matmul: no (vocab x d) temporary, no extra pass
+                grad_w.addmm_(grad.T, hs)
+            else:
+                grad_w += (grad.T @ hs).float()
     objective = objective + ce
     if need_grads:
         return objective, ce, correct, grad_h.to(h.dtype), grad_w.to(weight.dtype)
