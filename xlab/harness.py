@@ -72,15 +72,17 @@ class XLabLM(TemplateLM):
 
     @torch.no_grad()
     def _logprobs(self, rows: list[list[int]], scored: list[int]) -> list[torch.Tensor]:
-        """Per right-padded row, the log-softmax (fp32, on the CPU) of the logits at its last scored[i] positions:
-        only those are normalised. Right padding leaves every real position's logits as they are (causal)."""
+        """Per right-padded row, the log-softmax (fp32, on the CPU) of the logits at its last scored[i] positions.
+        The head runs on those positions only (for short continuations, most of a small model's FLOPs are the
+        head's). Right padding leaves every real position as it is (attention is causal)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tok.eos_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        logits = self.model(ids.to(self.device))
-        return [F.log_softmax(logits[i, len(r) - n: len(r)].float(), dim=-1).cpu()
-                for i, (r, n) in enumerate(zip(rows, scored))]
+        h = self.model.hidden(ids.to(self.device))
+        picked = torch.cat([h[i, len(r) - n: len(r)] for i, (r, n) in enumerate(zip(rows, scored))])
+        logprobs = F.log_softmax(self.model.head(picked).float(), dim=-1).cpu()
+        return list(logprobs.split(scored))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding would produce it) for each request

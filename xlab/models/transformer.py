@@ -413,6 +413,15 @@ class XLabModel(nn.Module):
         row's positions then count its real tokens only, so a padded row computes what it would alone.
         With a StaticKVCache, attention_mask covers the new tokens only (B, T): the cache remembers the rest.
         """
+        h = self.hidden(input_ids, cache, attention_mask)
+        if targets is not None:
+            return head_loss_sums(h, self.lm_head.weight, targets, self.cfg.logit_softcap, self.cfg.z_loss)
+        return self.head(h)
+
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | StaticKVCache | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, d_model), what the head reads (forward's arguments): scoring only some
+        positions (lm-eval's continuations) runs `head` on those rows alone."""
         if isinstance(cache, StaticKVCache):
             positions, mask = cache.advance(input_ids.shape[1], attention_mask)
         else:
@@ -421,10 +430,11 @@ class XLabModel(nn.Module):
         rot = self.pos_emb.prepare(positions)
         for block in self.blocks:
             x = block(x, self.pos_emb, rot, cache, mask)
-        if targets is not None:
-            return head_loss_sums(self.norm_f(x), self.lm_head.weight, targets, self.cfg.logit_softcap,
-                                  self.cfg.z_loss)
-        logits = self.lm_head(self.norm_f(x))
+        return self.norm_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (..., d_model)."""
+        logits = self.lm_head(h)
         if self.cfg.logit_softcap:
             # Smoothly bound logits to (-cap, cap) (Gemma 2): keeps early training from over-confident spikes.
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
