@@ -131,6 +131,9 @@ def test_cli_writes_eval_tasks_json_and_results_shows_it(ckpt: Path, tmp_path: P
                    "batch_size=4")
     assert f"|{CONTINUATION}|" in proc.stdout and f"|{CLOZE}" in proc.stdout
     record = json.loads((ckpt / "eval_tasks.json").read_text())
+    from xlab.evaluate import task_precision
+
+    assert record["precision"] == task_precision("auto", torch.device("cpu"))  # auto, as scored here
     rows = {(row["task"], row["metric"]): row for row in record["rows"]}
     assert set(rows) == {(CONTINUATION, "acc"), (CONTINUATION, "acc_norm"), (CLOZE, "acc"), (CLOZE, "perplexity")}
     for (_, metric), row in rows.items():
@@ -184,3 +187,14 @@ def test_harness_benchmark_compares_xlablm_with_hflm(tiny_run: Path):
     number = r"[\d,.]+"
     assert re.search(rf"\| fp32 \| {number} \| {number} \| \*\*{number}\*\* \|", out), out
     assert "32 loglikelihood requests" in out, out
+
+
+def test_auto_precision_is_bf16_where_fast(monkeypatch):
+    import xlab.precision
+    from xlab.evaluate import task_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(xlab.precision, "cpu_has_fast_bf16", lambda: True)
+    assert task_precision("auto", cpu) == "bf16" and task_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(xlab.precision, "cpu_has_fast_bf16", lambda: False)
+    assert task_precision("auto", cpu) == "fp32" and task_precision("bf16", cpu) == "bf16"

@@ -509,7 +509,7 @@ class EvaluateConfig(Schema):
     # lm-evaluation-harness tasks (xlab/harness.py): empty = the split's loss and bits per byte above. Local tasks
     # (xlab/tasks: xlab_continuation, xlab_cloze) are built from the checkpoint's predict split; lm-eval's own
     # need their data.
-    # With tasks, precision auto means fp32 (exact log-likelihoods); bf16 autocasts.
+    # With tasks, precision auto is bf16 where the device runs it fast, else fp32 (exact log-likelihoods).
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None  # documents per task; None = all
     num_fewshot: int = 0

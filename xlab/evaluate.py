@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    import torch
 
 from xlab.cli import hydra_app
 
@@ -87,13 +91,22 @@ def score_checkpoint(ckpt: Path, split: str, batch_size: int = 8, max_batches: i
     return result
 
 
-def task_precision(precision: str) -> str:
-    """Precision of harness scoring: fp32 unless bf16 is asked for (auto too: tasks compare exact log-likelihoods)."""
-    from xlab.errors import XLabError
+def task_precision(precision: str, device: torch.device | None = None) -> str:
+    """Precision of harness scoring: auto is bf16 where the hardware runs it fast (training's rule: CUDA with bf16,
+    CPUs with AMX/AVX512-BF16), else fp32; fp16 is refused (lm-eval's log-likelihoods overflow it)."""
+    import torch
 
-    if precision in ("auto", "fp32", "bf16"):
-        return "bf16" if precision == "bf16" else "fp32"
-    raise XLabError(f"precision={precision!r} is not supported with tasks=; valid: auto (fp32), fp32, bf16")
+    from xlab.errors import XLabError
+    from xlab.precision import cpu_has_fast_bf16
+
+    if precision == "auto":
+        if device is not None and device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device is not None and device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if precision in ("fp32", "bf16"):
+        return precision
+    raise XLabError(f"precision={precision!r} is not supported with tasks=; valid: auto (bf16 where fast, else "
+                    "fp32), fp32, bf16")
 
 
 def run_tasks(cfg: DictConfig) -> dict:
@@ -109,9 +122,9 @@ def run_tasks(cfg: DictConfig) -> dict:
             raise
         raise XLabError(f"tasks={list(cfg.tasks)} needs lm-evaluation-harness ({exc.name} is missing): "
                         "pip install 'xlab[eval]'") from None
+    device = pick_device(cfg.device)
     results, out = score_tasks(cfg.ckpt, list(cfg.tasks), cfg.num_fewshot, cfg.limit, cfg.batch_size,
-                               task_precision(str(cfg.precision)), pick_device(cfg.device), cfg.paths.cache_dir,
-                               cfg.task_path)
+                               task_precision(str(cfg.precision), device), device, cfg.paths.cache_dir, cfg.task_path)
     print(make_table(results))
     print(f"wrote {out}")
     return results

@@ -264,7 +264,7 @@ def score_tasks(ckpt: str | Path, tasks: list[str], num_fewshot: int = 0, limit:
     results = run_tasks(lm, tasks, manager, num_fewshot, limit)
     out = ckpt / "eval_tasks.json"
     record = {"checkpoint": str(ckpt), "rows": result_rows(results, limit), "task_dirs": paths,
-              "lm_eval_version": lm_eval_version()}
+              "precision": precision, "lm_eval_version": lm_eval_version()}
     try:
         write_file(out, json.dumps(record, indent=2))  # atomic; replaces a symlink there instead of writing through
     except OSError as exc:
