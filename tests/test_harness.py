@@ -198,3 +198,20 @@ def test_auto_precision_is_bf16_where_fast(monkeypatch):
     assert task_precision("auto", cpu) == "bf16" and task_precision("fp32", cpu) == "fp32"
     monkeypatch.setattr(xlab.precision, "cpu_has_fast_bf16", lambda: False)
     assert task_precision("auto", cpu) == "fp32" and task_precision("bf16", cpu) == "bf16"
+
+
+def test_cloze_items_are_a_passage_and_its_next_whole_word(ckpt: Path, tmp_path: Path):
+    from xlab.tasks import CLOZE_WORD, document_windows
+
+    datamodule = XLabDataModule.load_from_checkpoint(ckpt)
+    spec = ContinuationSpec(num_docs=40).fitted(64)
+    items = [json.loads(line) for line in (write_local_tasks(datamodule, tmp_path, spec) / f"{CLOZE}.jsonl")
+             .read_text().splitlines()]
+    windows = dict(enumerate(document_windows(datamodule.tokens("predict"), datamodule.tokenizer, spec)))
+    assert len(items) >= 20
+    for item in items:
+        text = datamodule.tokenizer.decode(windows[item["id"]][1])
+        assert re.fullmatch(r" [A-Za-z]{3,}", item["target"]) and text.startswith(item["context"] + item["target"])
+        rest = text[len(item["context"]) + len(item["target"]):]
+        assert rest and not rest[0].isalpha()  # a whole word: the window did not cut it
+        assert len(item["context"]) >= len(text) // 2 and not CLOZE_WORD.search(rest)  # the window's last such word
