@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="greedy's")
-    ap.add_argument("--beam-batches", type=int, nargs="+", default=[1], help="beam-4's")
+    ap.add_argument("--beam-batches", type=int, nargs="*", default=[1], help="beam-4's (none: no beam rows)")
     ap.add_argument("--modes", choices=MODES, nargs="+", default=list(MODES))
     ap.add_argument("--dtypes", choices=["fp32", "bf16", "int8"], nargs="+", default=["fp32", "bf16", "int8"])
     ap.add_argument("--repeats", type=int, default=3, help="rounds of taking turns; rows are their medians")
@@ -311,7 +311,7 @@ def table_rows(results: list[Result], model: XLabModel, decoding: str, batch: in
     rows = []
     for r in results:
         tok_s = tokens / r.median_s
-        element = 4 if r.mode.dtype == "fp32" else 2  # KV cache: the activations' dtype (int8 runs in bf16)
+        element = next(p for p in r.mode.model.parameters()).element_size()  # KV cache: the activations' dtype
         per_step = weight_bytes(r.mode.model) + kv_bytes(model, batch * beams, context, element)
         util = per_step * (n / r.median_s) / bandwidth
         step = r.mode.step if r.compiled or r.mode.step == "eager" else "not compiled"

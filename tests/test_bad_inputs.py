@@ -271,11 +271,14 @@ CONFIG_EDITS = [
 
 
 @pytest.mark.parametrize(("edit", "module", "expect"), CONFIG_EDITS)
-def test_damaged_checkpoint_config(edit, module: str, expect: str, ckpt: Path, tmp_path: Path):
+def test_damaged_checkpoint_config(edit, module: str, expect: str, ckpt: Path, tmp_path: Path, capsys, monkeypatch):
     broken = damaged_config(ckpt, tmp_path, edit)
     before = snapshot(broken)
     extra = {"generate": ["prompt=x"], "export": [f"out={tmp_path / 'export'}"]}.get(module, [])
-    fails_in_one_line(module, f"ckpt={broken}", *extra, expect=expect)
+    if expect == CONFIG_EDITS[0][2]:  # one case also as a real subprocess; the rest in process (a start-up each)
+        fails_in_one_line(module, f"ckpt={broken}", *extra, expect=expect)
+    fails_in_one_line_in_process(module, f"ckpt={broken}", *extra, expect=expect, capsys=capsys,
+                                 monkeypatch=monkeypatch)
     assert unchanged(broken, before) and not (tmp_path / "export").exists()
 
 
@@ -295,13 +298,17 @@ RESUME_DAMAGE = [
 
 
 @pytest.mark.parametrize(("name", "damage", "expect"), RESUME_DAMAGE)
-def test_resume_from_a_damaged_checkpoint(name: str, damage, expect: str, tiny_run: Path, tmp_path: Path):
+def test_resume_from_a_damaged_checkpoint(name: str, damage, expect: str, tiny_run: Path, tmp_path: Path, capsys,
+                                          monkeypatch):
     run = copy_run(tiny_run, tmp_path)
     target = (run / "checkpoints" / "last").resolve() / name
     target.write_bytes(damage(target.read_bytes()))
     before = snapshot(run)
-    fails_in_one_line("train", *TINY, "trainer.max_steps=40", "resume=auto", f"hydra.run.dir={run}",
-                      expect=f"cannot resume from {target.parent}: {expect}")
+    args = [*TINY, "trainer.max_steps=40", "resume=auto", f"hydra.run.dir={run}"]
+    if expect == RESUME_DAMAGE[0][2]:  # one case also as a real subprocess
+        fails_in_one_line("train", *args, expect=f"cannot resume from {target.parent}: {expect}")
+    fails_in_one_line_in_process("train", *args, expect=f"cannot resume from {target.parent}: {expect}",
+                                 capsys=capsys, monkeypatch=monkeypatch)
     assert unchanged(run, before)  # checked before Hydra writes into the run dir
 
 

@@ -167,7 +167,8 @@ def test_fsdp_follows_ddp_in_half_the_memory(fsdp_run, ddp_run):
     assert sorted(weights(fsdp_run[0])) == sorted(weights(ddp_run[0]))  # one layout for both strategies
 
 
-@pytest.mark.parametrize(("strategy", "sig"), [("ddp", "SIGKILL"), ("fsdp", "SIGKILL"), ("ddp", "SIGSTOP")])
+# DDP's kill and freeze end the same way (the freeze after the timeout): one DDP case, the frozen one, suffices
+@pytest.mark.parametrize(("strategy", "sig"), [("fsdp", "SIGKILL"), ("ddp", "SIGSTOP")])
 def test_a_lost_rank_ends_the_run_in_one_line_and_resume_is_bitwise(strategy, sig, ddp_run, fsdp_run, tmp_path):
     """Rank 1 killed (or frozen: SIGSTOP) while both ranks are in the save of step 16: rank 0 exits non-zero within
     seconds (a frozen rank: after trainer.collective_timeout_s), naming the lost rank and how to continue; `last`
@@ -195,8 +196,6 @@ def test_a_lost_rank_ends_the_run_in_one_line_and_resume_is_bitwise(strategy, si
     wait_for_lock(tmp_path)
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "last").resolve().name == "step_000008" and not (ckpts / "step_000016").exists()
-    if sig == "SIGSTOP":
-        return  # resuming is the same as after a kill
     torchrun(*args[:-2], "resume=auto", f"hydra.run.dir={tmp_path}")
     a, b = weights((fsdp_run if strategy == "fsdp" else ddp_run)[0]), weights(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
