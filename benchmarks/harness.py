@@ -49,9 +49,7 @@ def load(ckpt: str, out: Path):
 
 def requests_of(manager, name: str, limit: int | None) -> list:
     """The task's loglikelihood Instances, built once."""
-    from lm_eval.tasks import get_task_dict
-
-    task = get_task_dict([name], manager)[name]
+    task = manager.load([name])["tasks"][name]
     task.build_all_requests(limit=limit, rank=0, world_size=1)
     requests = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
     if not requests:
