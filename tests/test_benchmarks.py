@@ -127,3 +127,8 @@ def test_generate_benchmark_compares_every_mode_with_transformers():
                      rf"XLab int8 static eager {NUMBER}", out), out
     assert "failed" not in out, out
 
+
+
+def test_prefill_benchmark_prints_both_heads():
+    out = run("prefill.py", "--shape", "small", "--prompt-tokens", "16", "--repeats", "1")
+    assert re.search(rf"\| small \| 16 \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|", out), out

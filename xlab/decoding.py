@@ -153,7 +153,7 @@ class StaticStepper:
         if n_new == 1:
             return self.step(seqs[:, -1:])
         chunk_mask = mask[:, -n_new:] if self.padded else None
-        return self.model(seqs[:, -n_new:], self.cache, chunk_mask)[:, -1].float()
+        return self.model.head(self.model.hidden(seqs[:, -n_new:], self.cache, chunk_mask)[:, -1]).float()
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         self.options.stats["steps"] += 1

@@ -116,7 +116,8 @@ class Stepper:
             self.cache = KVCache(self.model, seqs.shape[0])
             n_new = self.model.max_len - 1
         window_mask = mask[:, self.start:] if self.padded else None
-        return self.model(seqs[:, -n_new:], self.cache, window_mask)[:, -1].float()
+        # the head on the last position only: a prefill of a long prompt would otherwise compute logits per token
+        return self.model.head(self.model.hidden(seqs[:, -n_new:], self.cache, window_mask)[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder(rows)
