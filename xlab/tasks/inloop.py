@@ -62,6 +62,8 @@ class TaskScorer:
     def __init__(self, tasks: list[str], datamodule, max_len: int, limit: int) -> None:
         docs = task_items(datamodule, ContinuationSpec().fitted(max_len))
         self.items = {t: build_items(t, docs[t][:limit], datamodule.tokenizer, max_len) for t in tasks}
+        # one input width per task: a compiled training model (trainer.compile) sees one shape, not one per item
+        self.width = {t: max(len(s) for item in items for s in item.seqs) - 1 for t, items in self.items.items()}
         self.pad = datamodule.tokenizer.eos_id
 
     @torch.no_grad()
@@ -87,8 +89,7 @@ class TaskScorer:
 
     def _judge(self, task: str, item: Item, model, device, autocast) -> list[float]:
         """1.0/0.0 per metric of the task for one item."""
-        width = max(len(s) for s in item.seqs) - 1
-        ids = torch.full((len(item.seqs), width), self.pad, dtype=torch.long)
+        ids = torch.full((len(item.seqs), self.width[task]), self.pad, dtype=torch.long)
         for j, seq in enumerate(item.seqs):
             ids[j, : len(seq) - 1] = torch.tensor(seq[:-1])  # right padding leaves the real positions' logits alone
         with autocast():
