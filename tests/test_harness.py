@@ -150,6 +150,9 @@ def test_cli_writes_eval_tasks_json_and_results_shows_it(ckpt: Path, tmp_path: P
     cells = dict(zip(header.split("|"), row.split("|")))
     acc = rows[(CONTINUATION, "acc")]
     assert cells[f" {CONTINUATION} acc "] == f" {acc['value']:.3f} ± {acc['stderr']:.3f} "
+    (ckpt / "eval_tasks.json").write_text('{"rows": [{"task": 1}]}')  # damaged: one line, no traceback
+    proc = run_cli("results", str(run), check=False)
+    assert proc.returncode == 2 and "eval_tasks.json is damaged (KeyError" in proc.stderr
 
 
 @pytest.mark.parametrize("name, expect", [("no_such_task", "unknown to lm-eval"),

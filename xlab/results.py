@@ -47,9 +47,13 @@ def task_scores(step_dir: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     cells = {}
-    for row in json.loads(path.read_text())["rows"]:
-        stderr = f" ± {row['stderr']:.3f}" if row.get("stderr") is not None else ""
-        cells[f"{row['task']} {row['metric']}"] = f"{row['value']:.3f}{stderr}"
+    try:
+        for row in json.loads(path.read_text())["rows"]:
+            stderr = f" ± {row['stderr']:.3f}" if row.get("stderr") is not None else ""
+            cells[f"{row['task']} {row['metric']}"] = f"{row['value']:.3f}{stderr}"
+    except (ValueError, KeyError, TypeError) as exc:
+        raise XLabError(f"{path} is damaged ({type(exc).__name__}: {exc}); run xlab.evaluate tasks=[...] again or "
+                        "remove it") from None
     return cells
 
 
