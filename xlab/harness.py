@@ -25,6 +25,7 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from xlab.errors import XLabError
+from xlab.tasks.inloop import continuation_score
 
 
 class XLabLM(TemplateLM):
@@ -97,9 +98,7 @@ class XLabLM(TemplateLM):
             rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
             logprobs = self._logprobs(rows, [len(cont) for _, _, cont in chunk])
             for (key, _, cont), picked in zip(chunk, logprobs):  # picked: the positions predicting the continuation
-                target = torch.tensor(cont)
-                score = float(picked.gather(-1, target[:, None]).sum())
-                greedy = bool((picked.argmax(-1) == target).all())
+                score, greedy = continuation_score(picked, torch.tensor(cont))
                 results.append((score, greedy))
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, (score, greedy))

@@ -397,7 +397,8 @@ class Trainer:
                                                  self._sum_over_ranks, self.accelerator.process_index, self.world))
         self._write(record, {k: v for k, v in record.items() if "/" in k})
         if self.main:
-            tasks = "".join(f", {k.removeprefix('tasks/')} {v:.3f}" for k, v in record.items() if k[:6] == "tasks/")
+            tasks = "".join(f", {k.removeprefix('tasks/')} {v:.3f}" for k, v in record.items()
+                            if k.startswith("tasks/"))
             log.info("step %d: val loss %.4f, val bpb %.4f, val accuracy %.2f%%%s%s", self.state.step, result["loss"],
                      result["bits_per_byte"], result["accuracy"], tasks, " (best)" if improved else "")
         return result, improved

@@ -35,6 +35,12 @@ class Item:
     chars: list[int]
 
 
+def continuation_score(logprobs: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
+    """(summed log-probability of `target` under `logprobs` (n, V), whether greedy decoding gives it): what lm-eval
+    asks of a loglikelihood request; XLabLM (xlab/harness.py) answers with it too."""
+    return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+
 def encode_pair(tok, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
     """(<sos> + context ids + continuation ids, cut from the left to max_len + 1: the model reads all but the
     last; the number of continuation tokens)."""
@@ -98,9 +104,9 @@ class TaskScorer:
         for j, (seq, n) in enumerate(zip(item.seqs, item.scored)):
             end = len(seq) - 1  # position end-1 predicts the last token
             logprobs = F.log_softmax(logits[j, end - n: end].float(), dim=-1)
-            target = torch.tensor(seq[-n:], device=logprobs.device)
-            scores.append(float(logprobs.gather(-1, target[:, None]).sum()))
-            greedy.append(bool((logprobs.argmax(-1) == target).all()))
+            score, is_greedy = continuation_score(logprobs, torch.tensor(seq[-n:], device=logprobs.device))
+            scores.append(score)
+            greedy.append(is_greedy)
         if task == CLOZE:
             return [float(greedy[0])]
         best = max(range(len(scores)), key=scores.__getitem__)  # the first of equal scores, as numpy's argmax
