@@ -52,8 +52,8 @@ log "train step: XLab vs transformers"
 timeout 200 python benchmarks/train_throughput.py --device cuda --presets gpt2_small --set --seq 1024 --batch 16 \
   --vocab 8192 --precision bf16 --steps 10 --warmup 3 || true
 # 1 GPU, compiled, SDPA (flash) attention, the largest of these batches that fits: tok/s and MFU from the trainer
-train b32_compiled python -m xlab.train trainer.batch_size=32 trainer.compile=true
-train b64_compiled python -m xlab.train trainer.batch_size=64 trainer.compile=true
+train b32_compiled python -m xlab.train trainer.batch_size=32 trainer.compile=on
+train b64_compiled python -m xlab.train trainer.batch_size=64 trainer.compile=on
 # DDP and FSDP2 (xlab/parallel.py) under torchrun: world size 1, and every GPU when there are several
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 for n in $(printf "1\n%s\n" "$NGPU" | sort -un); do

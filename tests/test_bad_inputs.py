@@ -86,6 +86,8 @@ TRAIN_CASES = [
     (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001 must be > 0"),
     (["trainer.batch_size=0"], "trainer.batch_size=0 must be >= 1"),
     (["trainer.on_nan=ignore"], "trainer.on_nan=ignore Invalid value 'ignore', expected one of [stop, skip]"),
+    # the old boolean spelling: the one-line error lists the three values
+    (["trainer.compile=true"], "trainer.compile=true Invalid value 'True', expected one of [auto, on, off]"),
     # numbers: finite, and in the range the schema gives each field (xlab/config.py)
     (["optimizer.eps=-1"], "optimizer.eps=-1.0 must be > 0"),
     (["optimizer.lr=nan"], "optimizer.lr=nan must be a finite number > 0"),
@@ -122,10 +124,10 @@ TRAIN_CASES = [
     (["data.split_fractions=[0.9,nan,0.05,0.05]"], "data.split_fractions=[0.9, nan, 0.05, 0.05] must be finite"),
     (["tokenizer.min_frequency=-1"], "tokenizer.min_frequency=-1 must be >= 0"),
     (["tokenizer.train_docs=0"], "tokenizer.train_docs=0 must be >= 1"),
-    (["trainer.compile=true", "trainer.compile_backend=nope"], "trainer.compile_backend='nope' is not a torch.compile"),
+    (["trainer.compile=on", "trainer.compile_backend=nope"], "trainer.compile_backend='nope' is not a torch.compile"),
     # what FSDP does not run, and what would
     (["trainer.strategy=fsdp", "optimizer=muon"], "optimizer.name=muon does not run under trainer.strategy=fsdp"),
-    (["trainer.strategy=fsdp", "trainer.compile=true"], "trainer.compile=true is not supported with"),
+    (["trainer.strategy=fsdp", "trainer.compile=on"], "trainer.compile=on is not supported with"),
     (["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision=fp16 is not supported with"),
 ]
 

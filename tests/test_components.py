@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -143,9 +144,10 @@ def test_compiled_run_checkpoint_loads_into_an_uncompiled_model(tmp_path):
     from safetensors import safe_open
 
     # aot_eager: the same compiled module (and `_orig_mod.` names) as inductor, without a minute of code generation
-    run_cli("train", *TINY, "trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.max_steps=2",
-            "trainer.eval_batches=1",
-            f"hydra.run.dir={tmp_path}")
+    out = run_cli("train", *TINY, "trainer.compile=on", "trainer.compile_backend=aot_eager", "trainer.max_steps=2",
+                  "trainer.eval_batches=1", f"hydra.run.dir={tmp_path}").stdout
+    assert "torch.compile on\n" in out.replace("\r", "")
+    assert re.search(r"first step: \d+\.\d\d s \(torch.compile included\)", out), out
     ckpt = tmp_path / "checkpoints" / "last"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -155,3 +157,17 @@ def test_compiled_run_checkpoint_loads_into_an_uncompiled_model(tmp_path):
     cfg = ModelConfig(**{k: v for k, v in asdict(model.cfg).items()})
     assert cfg.n_layer == 2
     run_cli("evaluate", f"ckpt={ckpt}", "max_batches=1")
+
+
+def test_compile_auto_is_on_for_cuda_only_and_never_under_fsdp(monkeypatch):
+    from xlab.config import Strategy, Switch, TrainerConfig
+    from xlab.trainer import compile_enabled
+
+    for cuda, strategy, switch, expected in [
+        (False, Strategy.ddp, Switch.auto, False), (True, Strategy.ddp, Switch.auto, True),
+        (True, Strategy.fsdp, Switch.auto, False), (False, Strategy.ddp, Switch.on, True),
+        (True, Strategy.ddp, Switch.off, False),
+    ]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert compile_enabled(TrainerConfig(compile=switch, strategy=strategy)) is expected, (cuda, strategy, switch)
+    assert TrainerConfig(compile="on").compile is Switch.on  # a string from Python becomes the Choice

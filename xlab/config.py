@@ -420,7 +420,10 @@ class TrainerConfig(Schema):
     eval_batches: int = 20
     ckpt_every: int = 600
     log_every: int = 25
-    compile: bool = False  # torch.compile the training model (checkpoints stay free of compile prefixes)
+    # torch.compile the training model (checkpoints stay free of compile prefixes). auto = on for CUDA (not under
+    # FSDP), off on CPUs, where inductor gained 0-10% for 4-35 s of compiling plus a recompile per evaluation shape
+    # (BENCHMARKS.md); the first step's time, compile included, is logged
+    compile: Switch = Switch.auto
     compile_backend: str = "inductor"  # torch.compile's backend: inductor (fast code), aot_eager (debugging), ...
     strategy: Strategy = Strategy.ddp
     fsdp_reshard_after_forward: bool = True  # free each Block's gathered weights after its forward (less memory,
@@ -549,6 +552,31 @@ class GenerateConfig(Schema):
         "seed": Range(0, 2**32 - 1, note="(or null)"),
         "temperature": SamplerConfig.LIMITS["temperature"], "batch_size": AT_LEAST_1, "num_prompts": AT_LEAST_1,
         "prompt_tokens": AT_LEAST_1,
+    }
+
+
+@dataclass
+class ServeConfig(Schema):
+    """`python -m xlab.serve` (xlab/serve/): a playground page and an OpenAI-compatible completions API over one or
+    two checkpoints, decoded as xlab.generate decodes (dtype/compile/cache: GenerateConfig's keys)."""
+
+    ckpt: str = MISSING
+    ckpt2: str | None = None  # a second checkpoint: the page shows both side by side; the API's model= picks one
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allow_remote: bool = False  # a host other than loopback serves anyone who can reach it: opt in explicitly
+    device: str = "auto"
+    dtype: InferenceDtype = InferenceDtype.auto
+    compile: Switch = Switch.auto
+    cache: CacheKind = CacheKind.auto
+    batch_window_ms: float = 5.0  # how long the worker waits for more requests after the first (xlab/serve/batcher)
+    max_batch_rows: int = 32  # rows decoded together at most
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 1048576  # larger request bodies get 413
+
+    LIMITS = {
+        "port": Range(1, 65535), "batch_window_ms": Range(0, 10000), "max_batch_rows": Range(1, 4096),
+        "max_tokens_limit": AT_LEAST_1, "max_body_bytes": Range(1024),
     }
 
 

@@ -45,9 +45,9 @@ def check_strategy_config(cfg: TrainConfig) -> None:
     if cfg.optimizer.name == "muon":
         raise XLabError("optimizer.name=muon does not run under trainer.strategy=fsdp (its Newton-Schulz step needs "
                         "whole matrices, FSDP gives each rank shards); use optimizer=adamw or trainer.strategy=ddp")
-    if cfg.trainer.compile:
-        raise XLabError("trainer.compile=true is not supported with trainer.strategy=fsdp yet; use "
-                        "trainer.compile=false or trainer.strategy=ddp")
+    if cfg.trainer.compile == "on":  # auto runs FSDP uncompiled
+        raise XLabError("trainer.compile=on is not supported with trainer.strategy=fsdp yet; use "
+                        "trainer.compile=auto (off under FSDP) or trainer.strategy=ddp")
     if cfg.trainer.precision == "fp16":
         raise XLabError("trainer.precision=fp16 is not supported with trainer.strategy=fsdp (no gradient scaler on "
                         "sharded gradients); use trainer.precision=bf16 or fp32")

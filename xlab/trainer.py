@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from xlab import parallel
 from xlab.checkpoint import Checkpointer, load_training_state, newest_checkpoint, resolve_checkpoint
-from xlab.config import OnNan, Strategy, TrainConfig, to_container
+from xlab.config import OnNan, Strategy, Switch, TrainConfig, TrainerConfig, to_container
 from xlab.data.datamodule import XLabDataModule
 from xlab.data.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
 from xlab.data.sources import SPLITS, check_data_config
@@ -66,7 +66,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_scheduler_config(cfg.scheduler)
     check_logger_config(cfg.logger)
     parallel.check_strategy_config(cfg)
-    if cfg.trainer.compile:
+    if compile_enabled(cfg.trainer):
         import torch._dynamo
 
         if cfg.trainer.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
@@ -74,6 +74,13 @@ def check_config(cfg: TrainConfig) -> None:
                             f"valid: {', '.join(torch._dynamo.list_backends())}")
     if cfg.overwrite and cfg.resume is not None:
         raise XLabError(f"overwrite=true starts afresh but resume={cfg.resume} continues a run; give one of them")
+
+
+def compile_enabled(t: TrainerConfig) -> bool:
+    """trainer.compile resolved: auto = on for CUDA (FSDP runs uncompiled: not supported yet), off on CPUs."""
+    if t.compile is Switch.auto:
+        return torch.cuda.is_available() and t.strategy is not Strategy.fsdp
+    return t.compile is Switch.on
 
 
 def resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
@@ -124,7 +131,7 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the number of ranks
-        dynamo_plugin=TorchDynamoPlugin(backend=t.compile_backend) if t.compile else None,
+        dynamo_plugin=TorchDynamoPlugin(backend=t.compile_backend) if compile_enabled(t) else None,
         # a rank that stops answering ends the run after this long, not after torch's 10-30 minutes
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
     )
@@ -173,7 +180,7 @@ class Trainer:
         check_run_dir(self.run_dir, self.cfg.resume, self.cfg.overwrite)  # every rank, before any rank writes
         if self.t.keep_freed_memory:
             keep_freed_memory()
-        self.mixed_precision = resolve_precision(self.t.precision)
+        self.mixed_precision, self.compiled = resolve_precision(self.t.precision), compile_enabled(self.t)
         self.accelerator = build_accelerator(self.cfg, self.run_dir, self.mixed_precision)
         self.main, self.world, self.device = (self.accelerator.is_main_process, self.accelerator.num_processes,
                                               self.accelerator.device)
@@ -189,7 +196,7 @@ class Trainer:
         self.sharded = parallel.ShardedState(self.accelerator, self.model, self.optimizer) if self.fsdp else None
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir / "checkpoints", self.config_dict,
                                          self.datamodule.tokenizer_path, self.t.keep_last, self.sharded)
-        self.saved_step, self.report_memory = -1, True
+        self.saved_step, self.report_memory, self.first_step = -1, True, True
         self._resume()
         self._start_logging()
 
@@ -273,8 +280,10 @@ class Trainer:
         self.peak = peak_flops(self.device, self.mixed_precision)
         if self.main:
             peak = f"against a {self.peak / 1e12:.0f} TFLOP/s peak per device" if self.peak else "n/a (no known peak)"
-            log.info("%d process(es) on %s; global batch %d sequences x %d tokens; MFU %s", self.world,
-                     self.device.type, self.t.batch_size * self.t.grad_accum_steps * self.world, self.seq_len, peak)
+            log.info("%d process(es) on %s; global batch %d sequences x %d tokens; MFU %s; torch.compile %s%s",
+                     self.world, self.device.type, self.t.batch_size * self.t.grad_accum_steps * self.world,
+                     self.seq_len, peak, "on" if self.compiled else "off",
+                     f" (trainer.compile=auto on {self.device.type})" if self.t.compile is Switch.auto else "")
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
@@ -321,6 +330,7 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum_steps micro-batches, then the (NaN-guarded) update."""
+        started = time.perf_counter() if self.first_step else 0.0
         step_loss = torch.zeros((), device=self.device)
         for _ in range(self.t.grad_accum_steps):
             x, y = to_device(self.sampler.next_batch(), self.device)
@@ -329,6 +339,13 @@ class Trainer:
         self.metrics.end_step(dropped, grad_norm, self.tokens_per_step, self.tokens_per_step * self.world)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step * self.world
+        if self.first_step:  # the compile happens in this process's first step: its cost, once
+            self.first_step = False
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if self.main:
+                log.info("first step: %.2f s%s", time.perf_counter() - started,
+                         " (torch.compile included)" if self.compiled else "")
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss and gradient of one micro-batch; returns its (detached) objective."""
