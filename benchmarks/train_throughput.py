@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import yaml
 
 from xlab.errors import XLabError
+from xlab.metrics import mfu, peak_flops
 from xlab.models import XLabModel
 from xlab.runtime import keep_freed_memory
 
@@ -206,8 +207,9 @@ def main() -> None:
           f"{torch.__version__}; batch {args.batch} x seq {args.seq}, vocab {args.vocab}, median of {args.steps} "
           f"steps after {args.warmup}; keep_freed_memory={kept}; XLab path: "
           f"{'plain (logits, SDPA)' if args.plain_xlab else 'fused head loss, attn_impl=auto'}")
-    print("| model | params | precision | mode | XLab tok/s | peer | peer tok/s | XLab/peer | first step XLab/peer |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | params | precision | mode | XLab tok/s | peer | peer tok/s | XLab/peer | first step XLab/peer "
+          "| MFU XLab/peer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     x = x.to(args.device)
     tokens = args.batch * args.seq
@@ -224,16 +226,23 @@ def main() -> None:
                 timed = measure([ours_step, *peer_steps], args.steps, args.warmup)
                 ours, ours_first = timed[0]
                 row = f"| {name} | {model.num_params() / 1e6:.1f}M | {precision} | {mode} |"
+                util = mfu_of(model, args.device, precision, tokens)  # same shape, same FLOPs for every peer
                 for (label, _, _), (theirs, theirs_first) in zip(peers, timed[1:]):
                     print(f"{row} {tokens / ours:,.0f} | {label} | {tokens / theirs:,.0f} | **{theirs / ours:.2f}** |"
-                          f" {ours_first:.1f} s / {theirs_first:.1f} s |", flush=True)
+                          f" {ours_first:.1f} s / {theirs_first:.1f} s | {util(ours)} / {util(theirs)} |", flush=True)
                 if not peers:
-                    print(f"{row} {tokens / ours:,.0f} | - | - | - | {ours_first:.1f} s |", flush=True)
+                    print(f"{row} {tokens / ours:,.0f} | - | - | - | {ours_first:.1f} s | {util(ours)} |", flush=True)
                 if args.profile and mode == "eager":
                     profile(ours_step, args.profile, f"XLab {name} {precision} {mode}")
                     for (label, _, _), step in zip(peers, peer_steps):
                         profile(step, args.profile, f"{label} {precision} {mode}")
                 torch._dynamo.reset()
+
+
+def mfu_of(model: XLabModel, device: str, precision: str, tokens: int):
+    """step seconds -> "MFU %" against the device's peak (xlab/metrics.py's table; "-" where none is known: CPUs)."""
+    peak = peak_flops(torch.device(device), "bf16" if precision == "bf16" else "no")
+    return lambda seconds: f"{100 * mfu(model.flops_per_token(), tokens / seconds, peak):.1f}%" if peak else "-"
 
 
 def make_peers(model: XLabModel, name: str, x: torch.Tensor) -> list[tuple[str, torch.nn.Module, str]]:

@@ -29,6 +29,7 @@ def test_train_throughput_against_transformers_prints_ratios():
         rows = re.findall(rf"\| \w+ \| {NUMBER}M \| (fp32|bf16) \| eager \| {NUMBER} \| {peer} \| {NUMBER} \| "
                           rf"\*\*{NUMBER}\*\* \|", out)
         assert rows == ["fp32", "bf16"], out
+    assert out.count(" | - / - |\n") == 6, out  # MFU: no known peak for a CPU (xlab/metrics.py), so none claimed
     # XLab and its peers (gpt2: the plain GPT and transformers; llama: transformers) at 2 precisions
     assert out.count("#### top ops") == 10 and "aten::mm" in out
 
