@@ -63,8 +63,6 @@ def test_evaluate_generate_export(tiny_run: Path, tmp_path: Path):
 
     text = run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "max_new_tokens=20", "seed=0").stdout.strip()
     assert text.startswith("The list") and len(text) > len("The list")
-    again = run_cli("generate", f"ckpt={ckpt}", "prompt=The list", "max_new_tokens=20", "seed=0").stdout.strip()
-    assert again == text, "seeded sampling must reproduce"
 
     export = tmp_path / "export"
     run_cli("export", f"ckpt={ckpt}", f"out={export}")
@@ -74,7 +72,7 @@ def test_evaluate_generate_export(tiny_run: Path, tmp_path: Path):
     exported = json.loads((export / "eval_val.json").read_text())
     assert exported["loss"] == pytest.approx(result["loss"], abs=1e-6)
     from_export = run_cli("generate", f"ckpt={export}", "prompt=The list", "max_new_tokens=20", "seed=0")
-    assert from_export.stdout.strip() == text
+    assert from_export.stdout.strip() == text  # the same weights, and seeded sampling reproduces
 
     refused = run_cli("export", f"ckpt={ckpt}", f"out={export}", check=False)
     assert refused.returncode != 0 and "not empty" in refused.stderr
