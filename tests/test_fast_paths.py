@@ -124,6 +124,34 @@ def test_auto_attention_is_eager_only_for_bf16_on_cpu_at_short_context(monkeypat
     assert calls == [torch.bfloat16]
 
 
+def test_bf16_attention_runs_in_fp32_where_the_cpus_bf16_matmuls_are_slow(monkeypatch):
+    """A bf16 model (cast for decoding, not autocast) attends in fp32 on a CPU without fast bf16: its static cache
+    holds fp32 keys, its logits stay those of bf16 weights, and the cached step still gives the uncached logits."""
+    from xlab.models import ops
+    from xlab.models.transformer import StaticKVCache
+
+    torch.manual_seed(0)
+    model = XLabModel(64, n_layer=2, n_head=2, d_model=32, max_len=16).eval()
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        exact = model(x).float()
+        model.to(torch.bfloat16)
+        for slow in (False, True):
+            monkeypatch.setattr(ops, "CPU_BF16_IS_SLOW", slow)
+            attn = torch.float32 if slow else torch.bfloat16
+            assert ops.attention_dtype(torch.bfloat16, torch.device("cpu")) == attn
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # training's autocast keeps its own choice
+                assert ops.attention_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+            cache = StaticKVCache(model, 2, 16)
+            assert cache.k[0].dtype == attn
+            logits = model(x)
+            assert logits.dtype == torch.bfloat16  # the head and every weight matmul stay bf16
+            assert (logits.float() - exact).abs().max() < 0.05
+            model(x[:, :6], cache)
+            step = model(x[:, 6:7], cache)[:, -1].float()
+            assert (step - model(x[:, :7])[:, -1].float()).abs().max() < 0.05, slow
+
+
 def test_bad_attn_impl_is_refused():
     with pytest.raises(XLabError, match=r"model.attn_impl='flash' is not valid; valid: auto, sdpa, eager"):
         XLabModel(50, n_layer=1, n_head=2, d_model=16, attn_impl="flash")

@@ -8,10 +8,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xlab.precision import cpu_has_fast_bf16
+
 # On a CPU in bf16, SDPA's flash kernel is 1.5-4x slower than plain matmul + softmax up to 1024 tokens of context; in
 # fp32 it is as fast or faster (benchmarks/attention.py). The eager path stores the (T x T) scores, so "auto" takes
 # it only up to this many tokens.
 EAGER_MAX_LEN = 512
+
+
+# Read once: a dynamo-traced forward sees a constant. Without AMX/AVX512-BF16 (AVX2 only) a bf16 matmul runs ~40x
+# slower than fp32 on a CPU (BENCHMARKS.md, decoding on the AMD VM).
+CPU_BF16_IS_SLOW = not cpu_has_fast_bf16()
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype attention runs in: bf16 without autocast (a model cast for decoding or bf16 evaluation) on a CPU
+    whose bf16 matmuls are slow runs in fp32, where a decode step's attention over 256 cached keys (12 heads of 64)
+    takes 64 us against bf16's 286 (`benchmarks/attention.py --decode`); the weights' matmuls keep their dtype. Under
+    autocast the dtype stays autocast's choice."""
+    if (dtype == torch.bfloat16 and device.type == "cpu" and CPU_BF16_IS_SLOW
+            and not torch.is_autocast_enabled("cpu")):
+        return torch.float32
+    return dtype
 
 
 def use_eager_attention(impl: str, q: torch.Tensor, causal_from_start: bool) -> bool:

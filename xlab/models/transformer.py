@@ -20,7 +20,7 @@ from torch import nn
 from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.models.loss import LossSums, head_loss_sums
-from xlab.models.ops import eager_attention, rms_norm, use_eager_attention
+from xlab.models.ops import attention_dtype, eager_attention, rms_norm, use_eager_attention
 from xlab.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
@@ -142,6 +142,8 @@ class CausalSelfAttention(nn.Module):
         k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)
         q, k = pos.rotate(self.q_norm(q), self.k_norm(k), rot)
+        dtype = attention_dtype(q.dtype, q.device)  # fp32 where the CPU's bf16 matmuls are slow (cache included)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if cache is not None:  # attend to every cached key as well as the new ones
             k, v = cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -154,7 +156,7 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None,  # no mask = plain causal attention from position 0
                 dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head,
             )
-        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+        return self.proj(rearrange(y.to(x.dtype), "b h t d -> b t (h d)"))
 
 
 class KVCache:
@@ -197,7 +199,7 @@ class StaticKVCache:
 
     def __init__(self, model: XLabModel, batch_size: int, size: int, dtype: torch.dtype | None = None) -> None:
         c, device = model.cfg, model.device
-        dtype = dtype or model.tok_emb.weight.dtype
+        dtype = dtype or attention_dtype(model.tok_emb.weight.dtype, device)  # the dtype the keys arrive in
         shape = (batch_size, c.n_kv_head or c.n_head, size, c.d_model // c.n_head)
         self.size = size
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layer)]
