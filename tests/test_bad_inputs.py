@@ -419,3 +419,30 @@ def test_diverging_run_stops_with_a_debug_checkpoint_or_skips(tmp_path: Path):
     assert skipped[-1] >= 1 and skipped == sorted(skipped)
     weights = load_file(tmp_path / "skip" / "checkpoints" / "last" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN updates were dropped
+
+
+SERVE_CKPT = f"ckpt={Path(__file__).parent / 'fixtures' / 'ckpt_435677f' / 'step_000003'}"
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        ([], "missing mandatory value: ckpt"),
+        (["ckpt=/no/such/ckpt"], "checkpoint path '/no/such/ckpt' does not exist"),
+        ([SERVE_CKPT, "ckpt2=/no/such/ckpt"], "checkpoint path '/no/such/ckpt' does not exist"),
+        ([SERVE_CKPT, SERVE_CKPT.replace("ckpt=", "ckpt2=")], "ckpt2 is the same checkpoint as ckpt"),
+        ([SERVE_CKPT, "port=70000"], "port=70000 must be in [1, 65535]"),
+        ([SERVE_CKPT, "port=0"], "port=0 must be in [1, 65535]"),
+        ([SERVE_CKPT, "port=http"], "Value 'http' of type 'str' could not be converted to Integer"),
+        ([SERVE_CKPT, "host=0.0.0.0"], "host=0.0.0.0 is not a loopback address"),
+        ([SERVE_CKPT, "max_batch_rows=0"], "max_batch_rows=0 must be in [1, 4096]"),
+        ([SERVE_CKPT, "batch_window_ms=-1"], "batch_window_ms=-1.0 must be in [0, 10000]"),
+        ([SERVE_CKPT, "device=bogus"], "device='bogus' is not a device"),
+        ([SERVE_CKPT, "compile=on", "cache=dynamic"], "compile=on with cache=dynamic"),
+    ],
+)
+def test_bad_serve_input(args, expect, capsys, monkeypatch):
+    """Refused before any model loads or port opens (xlab/serve/__main__.py); the host rule also as a process."""
+    if "host=0.0.0.0" in args:
+        fails_in_one_line("serve", *args, expect=expect)
+    fails_in_one_line_in_process("serve.__main__", *args, expect=expect, capsys=capsys, monkeypatch=monkeypatch)

@@ -29,6 +29,8 @@ def run_help(command: str, *args: str, cwd: Path = REPO) -> subprocess.Completed
     ("generate", "-h", ["max_new_tokens: 50", "sampler: beam, greedy, multinomial, top_k, top_p"]),
     ("evaluate", "--help", ["usage:", "ckpt=PATH split=val|test", "split: val", "max_batches: null"]),
     ("export", "--help", ["usage:", "format: xlab", "out: null"]),
+    ("serve", "--help", ["usage:", "python -m xlab.serve ckpt=PATH", "host: 127.0.0.1", "port: 8000",
+                         "allow_remote: false"]),
 ])
 def test_command_help_lists_only_its_own_options(command: str, flag: str, own: list[str]):
     proc = run_help(command, flag)

@@ -570,12 +570,14 @@ class ServeConfig(Schema):
     compile: Switch = Switch.auto
     cache: CacheKind = CacheKind.auto
     batch_window_ms: float = 5.0  # how long the worker waits for more requests after the first (xlab/serve/batcher)
+    batch_rejoin_ms: float = 50.0  # at most this long more while fewer rows wait than the last batch decoded
     max_batch_rows: int = 32  # rows decoded together at most
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     max_body_bytes: int = 1048576  # larger request bodies get 413
 
     LIMITS = {
-        "port": Range(1, 65535), "batch_window_ms": Range(0, 10000), "max_batch_rows": Range(1, 4096),
+        "port": Range(1, 65535), "batch_window_ms": Range(0, 10000), "batch_rejoin_ms": Range(0, 10000),
+        "max_batch_rows": Range(1, 4096),
         "max_tokens_limit": AT_LEAST_1, "max_body_bytes": Range(1024),
     }
 
@@ -595,6 +597,7 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
 
 
 def to_container(cfg: Any) -> dict:

@@ -93,12 +93,17 @@ def generate_ids(
     prompts: Sequence[list[int]],
     cfg: SamplerConfig,
     max_new_tokens: int = 50,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     decoding: DecodeOptions | None = None,
+    is_done: Callable[[int, list[int]], bool] | None = None,
+    on_logprobs: Callable[[torch.Tensor], None] | None = None,
 ) -> list[tuple[int, list[int], float | None]]:
     """Decode token-id prompts (sos is prepended); returns (prompt index, generated ids, beam score) tuples.
-    decoding: the fast path's options (xlab/decoding.py); None = the dynamic KV cache, eager."""
+    decoding: the fast path's options (xlab/decoding.py); None = the dynamic KV cache, eager. seed: one seed for
+    the batch, or one per prompt (each row then samples from its own generator: the same tokens whichever rows
+    share its batch). is_done(row, tokens) ends a row early, besides stop strings and eos; on_logprobs: see
+    xlab.sampling.decode_tokens (token samplers only)."""
     if max_new_tokens < 0:
         raise XLabError(f"max_new_tokens={max_new_tokens} must be >= 0")
     check_beam_length(cfg, max_new_tokens)
@@ -113,15 +118,30 @@ def generate_ids(
             ids = ids[-(model.max_len - 1):]
         encoded.append(ids)
     input_ids, mask = left_pad(encoded, tokenizer[tokenizer.pad_token], model.device)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = generators(seed, len(prompts), decoding)
+    extra = {} if on_logprobs is None else {"on_logprobs": on_logprobs}
 
-    def is_done(row: int, tokens: list[int]) -> bool:  # stop strings end a row early
+    def done(row: int, tokens: list[int]) -> bool:  # stop strings (and the caller's is_done) end a row early
+        if is_done is not None and is_done(row, tokens):
+            return True
         return bool(cfg.stop) and cut_at_stop(tokenizer.decode(tokens), cfg.stop)[1]
 
     decoder = SAMPLERS.get(cfg.name) if decoding is None or decoding.draft is None else speculative_decode
     seqs = decoder(model, input_ids, mask, cfg, max_new_tokens, [tokenizer.eos_id],
-                                  generator=generator, is_done=is_done, on_token=on_token, decoding=decoding)
+                   generator=generator, is_done=done, on_token=on_token, decoding=decoding, **extra)
     return [(s.row, s.tokens, s.score) for s in seqs]
+
+
+def generators(seed: int | Sequence[int] | None, rows: int,
+               decoding: DecodeOptions | None) -> torch.Generator | list[torch.Generator] | None:
+    """One generator for the batch (an int seed), one per row (a list of seeds), or None (torch's global one)."""
+    if seed is None or isinstance(seed, int):
+        return torch.Generator().manual_seed(seed) if seed is not None else None
+    if len(seed) != rows:
+        raise XLabError(f"{len(seed)} seeds for {rows} prompts: give one seed per prompt")
+    if decoding is not None and decoding.draft is not None:
+        raise XLabError("one seed per prompt does not work with a draft model (speculative decoding)")
+    return [torch.Generator().manual_seed(s) for s in seed]
 
 
 def generate(

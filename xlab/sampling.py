@@ -133,15 +133,27 @@ def make_stepper(model: XLabModel, mask: torch.Tensor, max_new_tokens: int,
 
 # --- token-by-token decoding --------------------------------------------------------------------------------------
 
+def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row of probs (B, V); a list of generators draws row i from generator i (alone, a row's draw
+    is then the one a batch of that row would make with that generator)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
 def decode_tokens(
     model: XLabModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplerConfig,
-    max_new_tokens: int, eos: list[int], generator: torch.Generator | None = None, sampling: bool = True,
-    is_done: Callable[[int, list[int]], bool] | None = None, on_token: Callable[[int, int], None] | None = None,
-    decoding: DecodeOptions | None = None,
+    max_new_tokens: int, eos: list[int], generator: torch.Generator | list[torch.Generator] | None = None,
+    sampling: bool = True, is_done: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None, decoding: DecodeOptions | None = None,
+    on_logprobs: Callable[[torch.Tensor], None] | None = None,
 ) -> list[Sequence]:
     """Greedy (sampling=False or temperature 0) or sampled decoding of every row; a row stops at eos or when
-    is_done(row, tokens) says so (stop strings). on_token(row, id) sees each token as it is chosen (streaming)."""
+    is_done(row, tokens) says so (stop strings). on_token(row, id) sees each token as it is chosen (streaming).
+    generator may be a list, one per row: each row then draws from its own stream, so its tokens do not depend on
+    which rows share the batch. on_logprobs(log_probs) sees each step's (B, V) log-probabilities after the logits
+    processors (what the token is chosen from), before on_token: token log-probs and alternatives (xlab/serve)."""
     sampling = sampling and cfg.temperature > 0
     b = input_ids.shape[0]
     seqs, mask = input_ids, attention_mask
@@ -151,9 +163,10 @@ def decode_tokens(
     eos_set = set(eos)
     for n in range(max_new_tokens):
         scores = process(step(seqs, mask), seqs, n, cfg, eos, sampling)
+        if on_logprobs is not None:
+            on_logprobs(scores.log_softmax(-1))
         if sampling:
-            probs = scores.softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+            nxt = draw(scores.softmax(-1).cpu(), generator)
         else:
             nxt = scores.argmax(-1).cpu()
         for row, token in enumerate(nxt.tolist()):
