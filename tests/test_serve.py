@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -120,9 +121,10 @@ def test_page_streams_tokens_and_shows_their_alternatives(server, tmp_path: Path
         page.wait_for_selector("#tip table.alts")
         assert page.locator("#tip table.alts tr").count() == 5
         assert "p=" in page.inner_text("#tip")
-        page.screenshot(path=str(tmp_path / "serve.png"))
+        shot = Path(os.environ.get("XLAB_SCREENSHOT") or tmp_path / "serve.png")  # README's docs/serve.png
+        page.screenshot(path=str(shot))
         browser.close()
-    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    assert shot.stat().st_size > 10_000
 
 
 def test_greedy_completion_is_xlab_generates(server):
@@ -210,6 +212,33 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server):
     assert after["batches"] - before["batches"] < 16 and after["max_batch_rows"] > 1, (before, after)
 
 
+def test_echo_logprobs_score_the_prompt_as_lm_eval_reads_them(server, local):
+    """lm-eval's completions API models send echo=true, logprobs=1, max_tokens=0 or 1 and token-id prompts, and sum
+    token_logprobs[ctxlen:-1]: each prompt token's log-probability given sos and the tokens before it."""
+    import torch
+
+    model, tokenizer = local
+    text = "The list of"
+    ids = tokenizer.encode(text)
+    with torch.no_grad():
+        logp = model(torch.tensor([[tokenizer.sos_id, *ids]]))[0, :-1].float().log_softmax(-1)
+    expected = [logp[i, t].item() for i, t in enumerate(ids)]
+    api = client(server)
+    for prompt in (text, ids):
+        out = api.completions.create(model=server["models"][0], prompt=prompt, max_tokens=1, temperature=0,
+                                     logprobs=1, echo=True)
+        lp = out.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == len(ids) + 1
+        assert lp.token_logprobs[:-1] == pytest.approx(expected, abs=1e-4)
+        assert out.choices[0].text.startswith(text) and lp.text_offset[0] == 0 and lp.text_offset[-1] == len(text)
+        assert all(len(top) == 1 for top in lp.top_logprobs)
+    both = api.completions.create(model=server["models"][0], prompt=[ids, ids[:2]], max_tokens=0, logprobs=2,
+                                  echo=True)
+    assert [c.text for c in both.choices] == [text, tokenizer.decode(ids[:2])]
+    assert [len(c.logprobs.tokens) for c in both.choices] == [len(ids), 2]
+    assert both.choices[1].logprobs.token_logprobs == pytest.approx(expected[:2], abs=1e-4)
+
+
 BAD = [
     (b'{"prompt": "The', 400, None, "not valid JSON"),
     (b"[1, 2]", 400, None, "must be a JSON object"),
@@ -217,7 +246,8 @@ BAD = [
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
     ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens", "above this server's limit"),
     ({"prompt": "x", "colour": "blue"}, 400, "colour", "unknown field 'colour'"),
-    ({"prompt": 5}, 400, "prompt", "prompt must be a string or a list of strings"),
+    ({"prompt": 5}, 400, "prompt", "prompt must be a string, a list of strings, a list of token ids"),
+    ({"prompt": [5, 999999]}, 400, "prompt", "prompt token ids must be a non-empty list of ids in [0, 300)"),
     ({}, 400, "prompt", "Field required"),
     ({"prompt": "word " * 100}, 400, "prompt", "context holds at most 30"),
     ({"prompt": "x", "temperature": -1.0}, 400, "temperature", "temperature=-1.0 must be >= 0.0001"),

@@ -10,6 +10,7 @@ wrong JSON type are refused (strict), so a typo never silently falls back to a d
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -48,7 +49,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None  # a name GET /v1/models lists; None = the first checkpoint
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # texts, or token ids (as lm-eval's API models send)
     max_tokens: int = Field(16, ge=0)
     temperature: float | None = None  # 0 = greedy
     top_p: float | None = None
@@ -83,8 +84,9 @@ def from_validation(exc: ValidationError) -> ApiError:
     if err["type"] == "extra_forbidden":
         valid = ", ".join(CompletionRequest.model_fields)
         return ApiError(400, f"unknown field {param!r}; valid: {valid}", param)
-    if param == "prompt" and len(loc) > 1 and loc[1] in ("str", "list[str]") and err["type"] == "string_type":
-        return ApiError(400, "prompt must be a string or a list of strings", param)
+    if param == "prompt" and len(loc) > 1 and err["type"] in ("string_type", "list_type", "int_type"):
+        return ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such "
+                             "lists", param)
     got = err.get("input")
     shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 60 else ""
     return ApiError(400, f"{param}: {err['msg']}{shown}", param)
@@ -155,20 +157,30 @@ class Job:
             raise ApiError(400, f"max_tokens={req.max_tokens} is above this server's limit {max_tokens_limit}",
                            "max_tokens")
         cfg, stop = sampler_config(req), stops(req)
-        self.prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not 1 <= len(self.prompts) <= MAX_PROMPTS:
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one text, or one prompt's token ids
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise ApiError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "prompt")
-        ids = [self.encode(p) for p in self.prompts]
+        ids = [self.encode(p) for p in prompts]
+        self.prompts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in prompts]  # what echo shows
         per_prompt = 1 if cfg.name == "beam" else req.n  # beam: one row returns n sequences
         base_seed = req.seed if req.seed is not None else random.getrandbits(32)
         self.rows = [Row(served.name, ids[p], cfg, req.max_tokens, base_seed + j, stop, req.logprobs,
-                         p * req.n + j, self.emit) for p in range(len(self.prompts)) for j in range(per_prompt)]
+                         p * req.n + j, self.emit, echo=req.echo)
+                     for p in range(len(self.prompts)) for j in range(per_prompt)]
         self.choices = [ChoiceState() for _ in range(len(self.prompts) * req.n)]
         self.prompt_tokens = sum(len(i) for i in ids) * req.n
         self.open = len(self.choices)
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = self.served.tokenizer.encode(prompt)
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.served.tokenizer.encode(prompt)
+        else:
+            vocab = len(self.served.tokenizer)
+            if not prompt or not all(0 <= i < vocab for i in prompt):
+                raise ApiError(400, f"prompt token ids must be a non-empty list of ids in [0, {vocab})", "prompt")
+            ids = list(prompt)
         room = self.served.model.max_len - 2  # sos and one new token must fit in the context
         if len(ids) > room:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context holds at most {room} "
@@ -196,7 +208,13 @@ class Job:
             return []
         state = self.choices[index]
         chunks = []
-        if kind == "token":
+        if kind == "prompt":  # echo with logprobs: the prompt's own tokens come first, at their offsets
+            infos = event[2]
+            offsets = list(itertools.accumulate((len(t.token) for t in infos[:-1]), initial=0))
+            state.tokens += infos
+            state.offsets += offsets
+            chunks.append(self.chunk(index, "", None, logprobs_object(infos, offsets)))
+        elif kind == "token":
             _, _, delta, info = event
             offset = len(self.prefix(index)) + len(state.text)
             if info is not None:

@@ -63,6 +63,7 @@ class Row:
     logprobs: int | None  # alternatives per token; None = no per-token information
     index: int  # the first choice index it answers
     emit: Callable[[tuple], None]
+    echo: bool = False  # with logprobs: the prompt's tokens get theirs too (a "prompt" event first)
     cancelled: bool = False
     finished: bool = False
     tokens: list[int] = field(default_factory=list)
@@ -167,6 +168,9 @@ class Batcher:
             self.stats["batches"] += 1
             self.stats["rows"] += len(batch)
             self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
+        for row in batch:
+            if row.echo and row.logprobs is not None:
+                row.emit(("prompt", row.index, prompt_logprobs(served, row.ids, row.logprobs)))
         if batch[0].max_tokens == 0:  # nothing to decode: OpenAI answers max_tokens=0 with an empty text
             self.finish(batch[0], "length")
             return
@@ -235,6 +239,16 @@ class Batcher:
             row.emit(("finish", row.index + k, text, "stop" if ended else "length", len(tokens)))
         row.tokens = list(results[0][1]) if results else []
         self.finish(row, None)
+
+
+@torch.no_grad()
+def prompt_logprobs(served: Served, ids: list[int], k: int) -> list[TokenInfo]:
+    """Each prompt token's log-probability given sos and the tokens before it, with the top-k alternatives (echo
+    with logprobs: how lm-eval's completions API models score a context's continuation)."""
+    x = torch.tensor([[served.tokenizer.sos_id, *ids]], device=served.model.device)
+    steps = StepLog(served.tokenizer, k)
+    steps(served.model(x)[0, :-1].float().log_softmax(-1))  # one "row" per position
+    return [steps.info(i, token, k) for i, token in enumerate(ids)]
 
 
 class StepLog:
