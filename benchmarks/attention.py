@@ -23,29 +23,27 @@ from xlab.models.ops import eager_attention
 from xlab.runtime import keep_freed_memory
 
 
+def median_s(run, steps: int, warmup: int = 3) -> float:
+    times = []
+    for i in range(steps + warmup):
+        start = time.perf_counter()
+        run()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def fwd_bwd_ms(fn, b: int, h: int, t: int, d: int, dtype: torch.dtype, steps: int) -> float:
     q, k, v = (torch.randn(b, h, t, d, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(b, h, t, d, dtype=dtype)
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        fn(q, k, v).backward(grad)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_s(lambda: fn(q, k, v).backward(grad), steps)
 
 
 def decode_us(b: int, h: int, t: int, d: int, dtype: torch.dtype, steps: int) -> float:
     q = torch.randn(b, h, 1, d, dtype=dtype)
     k, v = (torch.randn(b, h, t, d, dtype=dtype) for _ in range(2))
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    return 1e6 * median_s(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), steps)
 
 
 def decode_table(args) -> None:
