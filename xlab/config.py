@@ -421,8 +421,8 @@ class TrainerConfig(Schema):
     ckpt_every: int = 600
     log_every: int = 25
     # torch.compile the training model (checkpoints stay free of compile prefixes). auto = on for CUDA (not under
-    # FSDP), off on CPUs, where inductor gained 0-10% for 4-35 s of compiling plus a recompile per evaluation shape
-    # (BENCHMARKS.md); the first step's time, compile included, is logged
+    # FSDP), off on CPUs, where inductor ran at 0.57-1.10x eager for 4-82 s of compiling plus a recompile per
+    # evaluation shape (BENCHMARKS.md); the first step's time, compile included, is logged
     compile: Switch = Switch.auto
     compile_backend: str = "inductor"  # torch.compile's backend: inductor (fast code), aot_eager (debugging), ...
     strategy: Strategy = Strategy.ddp
