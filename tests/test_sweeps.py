@@ -67,6 +67,16 @@ def test_grid_sweep_job_dirs_summary_and_plot(tmp_path: Path):
     assert "wrote" in run_cli("plot", str(sweep)).stdout and (sweep / "curves.png").stat().st_size > 10_000
 
 
+def test_a_bad_value_in_any_job_of_a_grid_is_refused_before_the_first_job_runs(tmp_path: Path):
+    """Every job of a -m grid is checked up front (xlab/cli.py prevalidate): the second job's learning rate is bad,
+    so the sweep ends in one line before job 0 trains, and nothing is written."""
+    sweep = tmp_path / "grid"
+    proc = run_cli("train", "-m", "optimizer.lr=3e-3,-1", "model.n_layer=1,2", *SWEEP_TINY,
+                   f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: optimizer.lr=-1.0 must be > 0\n", proc.stderr
+    assert "Launching" not in proc.stdout + proc.stderr and not sweep.exists()
+
+
 def test_optuna_search_minimises_the_returned_val_loss(tmp_path: Path):
     sweep = tmp_path / "optuna"
     db = tmp_path / "optuna.db"  # SQLite storage: the part that needs sqlalchemy<2 (in-memory is the default)

@@ -49,18 +49,40 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
-def prevalidate(config_name: str, validate: Callable[[Any], None]) -> None:
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
+    """The overrides of each job of a `-m` grid, split as Hydra's basic sweeper splits them; None when a sweep
+    cannot be listed in advance (interval(): a search sweeper samples it)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
+        return None
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def prevalidate(config_name: str, validate: Callable[[Any], None],
+                validate_job: Callable[[Any], None] | None = None) -> None:
     """Compose the command line's config and check it before Hydra creates the run dir and writes its files there,
-    so bad input changes nothing on disk. Skipped when Hydra flags are given (-m sweeps, --cfg, ...): Hydra then
-    composes each job itself and the task checks it."""
+    so bad input changes nothing on disk. A `-m` sweep has each job of its grid checked by `validate_job` before any
+    job runs. Skipped for other Hydra flags (--cfg, ...) and for sweeps that cannot be listed: Hydra then composes
+    each job itself and the task checks it."""
     from hydra import compose, initialize_config_dir
 
     args = sys.argv[1:]
-    if any(arg.startswith("-") for arg in args):
+    flags = [arg for arg in args if arg.startswith("-")]
+    jobs = [args] if not flags else None
+    if validate_job is not None and flags and all(f in MULTIRUN_FLAGS for f in flags):
+        jobs = sweep_jobs([arg for arg in args if not arg.startswith("-")])
+        validate = validate_job
+    if jobs is None:
         return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=args, return_hydra_config=True)
-    validate(cfg)
+        for overrides in jobs:
+            validate(compose(config_name=config_name, overrides=overrides, return_hydra_config=True))
 
 
 def _usage(config_name: str) -> list[str]:
@@ -96,10 +118,12 @@ def print_help(config_name: str, overrides: list[str]) -> None:
 
 
 def hydra_app(
-    config_name: str, task: Callable[[Any], Any], validate: Callable[[Any], None] | None = None
+    config_name: str, task: Callable[[Any], Any], validate: Callable[[Any], None] | None = None,
+    validate_job: Callable[[Any], None] | None = None,
 ) -> Callable[[], Any]:
     """Wrap `task(cfg)` as a Hydra app over `configs/<config_name>.yaml` with one-line user errors. `validate(cfg)`
-    (cfg with its `hydra` node) runs first, before anything is written."""
+    (cfg with its `hydra` node) runs first, before anything is written; `validate_job(cfg)` checks each job of a
+    `-m` sweep likewise."""
     import functools
 
     import hydra
@@ -133,7 +157,7 @@ def hydra_app(
                 print_help(config_name, [arg for arg in args if not arg.startswith("-")])
                 return None
             if validate is not None:
-                prevalidate(config_name, validate)
+                prevalidate(config_name, validate, validate_job)
             return app()
         except _user_error_types() as exc:
             if debug:

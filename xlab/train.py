@@ -6,6 +6,7 @@ import json
 import logging
 import shlex
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -39,25 +40,33 @@ def task(cfg: DictConfig) -> float:
     return val["loss"]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Config checks, the resume compatibility check and the run dir's (no fresh run over another, one writer at a
-    time: xlab/rundir.py), before Hydra writes into the run dir."""
+def validate_job(cfg: DictConfig) -> Any:
+    """The config checks alone, for each job of a `-m` sweep (Hydra makes the job's run dir); the TrainConfig."""
     from omegaconf import OmegaConf, open_dict
 
-    from xlab.checkpoint import check_resumable, check_resume_config, resolve_checkpoint
-    from xlab.config import to_container
     from xlab.data.sources import check_source
-    from xlab.errors import check_writable_dir
-    from xlab.rundir import check_run_dir, is_rank_zero, lock_run_dir
-    from xlab.trainer import check_config, resume_path
+    from xlab.trainer import check_config
 
-    run_dir = Path(cfg.hydra.run.dir)
-    check_writable_dir(run_dir, "hydra.run.dir")
     with open_dict(cfg):
         del cfg["hydra"]
     train_cfg = OmegaConf.to_object(cfg)
     check_config(train_cfg)
     check_source(train_cfg.data)
+    return train_cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Config checks, the resume compatibility check and the run dir's (no fresh run over another, one writer at a
+    time: xlab/rundir.py), before Hydra writes into the run dir."""
+    from xlab.checkpoint import check_resumable, check_resume_config, resolve_checkpoint
+    from xlab.config import to_container
+    from xlab.errors import check_writable_dir
+    from xlab.rundir import check_run_dir, is_rank_zero, lock_run_dir
+    from xlab.trainer import resume_path
+
+    run_dir = Path(cfg.hydra.run.dir)
+    check_writable_dir(run_dir, "hydra.run.dir")
+    train_cfg = validate_job(cfg)
     ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
     if ckpt is not None and train_cfg.init_from is None:
         check_resumable(ckpt)
@@ -67,7 +76,7 @@ def validate(cfg: DictConfig) -> None:
         lock_run_dir(run_dir)
 
 
-main = hydra_app("train", task, validate)
+main = hydra_app("train", task, validate, validate_job)
 
 if __name__ == "__main__":
     main()
