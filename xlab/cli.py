@@ -65,7 +65,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
 
 
 def prevalidate(config_name: str, validate: Callable[[Any], None],
-                validate_job: Callable[[Any], None] | None = None) -> None:
+                validate_job: Callable[[Any], Any] | None = None) -> None:
     """Compose the command line's config and check it before Hydra creates the run dir and writes its files there,
     so bad input changes nothing on disk. A `-m` sweep has each job of its grid checked by `validate_job` before any
     job runs. Skipped for other Hydra flags (--cfg, ...) and for sweeps that cannot be listed: Hydra then composes
@@ -73,16 +73,18 @@ def prevalidate(config_name: str, validate: Callable[[Any], None],
     from hydra import compose, initialize_config_dir
 
     args = sys.argv[1:]
-    flags = [arg for arg in args if arg.startswith("-")]
-    jobs = [args] if not flags else None
-    if validate_job is not None and flags and all(f in MULTIRUN_FLAGS for f in flags):
-        jobs = sweep_jobs([arg for arg in args if not arg.startswith("-")])
-        validate = validate_job
+    flags = {arg for arg in args if arg.startswith("-")}
+    if not flags:
+        jobs, check = [args], validate
+    elif validate_job is not None and flags <= set(MULTIRUN_FLAGS):
+        jobs, check = sweep_jobs([arg for arg in args if arg not in flags]), validate_job
+    else:
+        return
     if jobs is None:
         return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for overrides in jobs:
-            validate(compose(config_name=config_name, overrides=overrides, return_hydra_config=True))
+            check(compose(config_name=config_name, overrides=overrides, return_hydra_config=True))
 
 
 def _usage(config_name: str) -> list[str]:
@@ -119,7 +121,7 @@ def print_help(config_name: str, overrides: list[str]) -> None:
 
 def hydra_app(
     config_name: str, task: Callable[[Any], Any], validate: Callable[[Any], None] | None = None,
-    validate_job: Callable[[Any], None] | None = None,
+    validate_job: Callable[[Any], Any] | None = None,
 ) -> Callable[[], Any]:
     """Wrap `task(cfg)` as a Hydra app over `configs/<config_name>.yaml` with one-line user errors. `validate(cfg)`
     (cfg with its `hydra` node) runs first, before anything is written; `validate_job(cfg)` checks each job of a

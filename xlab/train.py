@@ -6,12 +6,15 @@ import json
 import logging
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from xlab.cli import hydra_app
+
+if TYPE_CHECKING:
+    from xlab.config import TrainConfig
 
 log = logging.getLogger("xlab.train")
 
@@ -40,8 +43,9 @@ def task(cfg: DictConfig) -> float:
     return val["loss"]
 
 
-def validate_job(cfg: DictConfig) -> Any:
-    """The config checks alone, for each job of a `-m` sweep (Hydra makes the job's run dir); the TrainConfig."""
+def validate_job(cfg: DictConfig) -> TrainConfig:
+    """The config checks alone, for each job of a `-m` sweep (Hydra makes the job's run dir); returns the checked
+    TrainConfig."""
     from omegaconf import OmegaConf, open_dict
 
     from xlab.data.sources import check_source
