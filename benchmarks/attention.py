@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from xlab.device import keep_freed_memory
 from xlab.models.ops import eager_attention
-from xlab.runtime import keep_freed_memory
 
 
 def median_s(run, steps: int, warmup: int = 3) -> float:

@@ -1,7 +1,7 @@
 """Decoding throughput: every XLab decoding mode vs transformers' fastest generate on the same weights.
 
 Decodings: greedy batch 1 and 8, beam-4 batch 1; a 16-token prompt and 200 new tokens (eos disabled through
-min_new_tokens, so every run generates the full length). XLab modes: fp32, bf16 and int8 (xlab.decoding.for_inference)
+min_new_tokens, so every run generates the full length). XLab modes: fp32, bf16 and int8 (generation/fast.py)
 x dynamic cache / static cache with eager steps / static cache with a compiled step (DecodeOptions). The peers are
 transformers' GPT2LMHeadModel holding the same weights (xlab.models.hf.to_hf_model) in fp32 and bf16, eager with its
 dynamic cache and with its static cache + torch.compile path (generate compiles greedy decoding only: its beam
@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from xlab.config import SamplerConfig
-from xlab.decoding import DTYPES, DecodeOptions, Int8Linear, for_inference
+from xlab.generation.config import SamplerConfig
+from xlab.generation.fast import DTYPES, DecodeOptions, Int8Linear, for_inference
+from xlab.generation.sampling import SAMPLERS
 from xlab.models import XLabModel
 from xlab.models.hf import to_hf_model
-from xlab.sampling import SAMPLERS
 
 ARCHS = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),

@@ -1,4 +1,4 @@
-"""lm-eval `loglikelihood` throughput: XLab's wrapper (xlab.harness.XLabLM) vs lm-eval's HF wrapper (HFLM) on a
+"""lm-eval `loglikelihood` throughput: XLab's wrapper (evaluation.harness.XLabLM) vs lm-eval's HF wrapper (HFLM) on a
 `format=hf` export of the same checkpoint, on the local `xlab_continuation` task (issue 17).
 
 The task is built from the checkpoint's predict split as score_tasks builds it; its loglikelihood requests are
@@ -32,11 +32,11 @@ def load(ckpt: str, out: Path):
     """(XLab model, tokenizer, the task's loglikelihood Instances, HF export dir) for a checkpoint."""
     from lm_eval.tasks import TaskManager
 
-    from xlab.checkpoint import resolve_checkpoint
+    from xlab.checkpoint.layout import resolve_checkpoint
     from xlab.datamodules import XLabDataModule
+    from xlab.evaluation.tasks import CONTINUATION, ContinuationSpec, write_local_tasks
     from xlab.models import XLabModel
     from xlab.models.hf import export_hf
-    from xlab.tasks import CONTINUATION, ContinuationSpec, write_local_tasks
 
     path = resolve_checkpoint(ckpt)
     model = XLabModel.load_from_checkpoint(path, map_location=torch.device("cpu")).eval()
@@ -80,7 +80,7 @@ def run_precision(precision: str, model, tok, hf_dir: Path, requests, args) -> d
     """One table row's figures for a precision."""
     from lm_eval.models.huggingface import HFLM
 
-    from xlab.harness import XLabLM
+    from xlab.evaluation.harness import XLabLM
 
     xlab = XLabLM(copy.deepcopy(model), tok, batch_size=args.batch_size, precision=precision)  # bf16 casts it
     hf = HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device="cpu",

@@ -111,11 +111,11 @@ def speed_probe(pair: list[list[str]], probe_dir: Path) -> None:
     """--speed-probe: print the step-time ratio of pair[0] to pair[1] (median of PROBE_STEPS turns after warm-up)."""
     from hydra import compose, initialize_config_dir
 
-    from xlab.cli import CONFIG_DIR
-    from xlab.config import register_configs
-    from xlab.trainer import Trainer
+    from xlab.cli import CONFIG_DIR, register_schema
+    from xlab.training.config import TrainConfig
+    from xlab.training.trainer import Trainer
 
-    register_configs()
+    register_schema("train", TrainConfig)
     trainers = []
     for i, overrides in enumerate(pair):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from xlab.config import SamplerConfig
 from xlab.data.predict import split_prompts
 from xlab.datamodules import XLabDataModule
-from xlab.decoding import DecodeOptions, for_inference
-from xlab.inference import generate_ids
+from xlab.generation.api import generate_ids
+from xlab.generation.config import SamplerConfig
+from xlab.generation.fast import DecodeOptions, for_inference
 from xlab.models import XLabModel
 
 SAMPLERS = {"greedy": SamplerConfig(name="greedy", temperature=0.0),

@@ -17,11 +17,11 @@ run and the ratio; eager and under torch.compile, fp32 and bf16 autocast.
     python benchmarks/train_throughput.py --plain-xlab --no-keep-freed-memory ...       # XLab before the speed-ups
     python benchmarks/train_throughput.py --loop --precision fp32 bf16                  # Trainer step vs old loop
 
-`--loop` times the whole training step of `xlab.trainer.Trainer` (sampler, transfer, forward/backward, clipping,
+`--loop` times the whole training step of `training.trainer.Trainer` (sampler, transfer, forward/backward, clipping,
 NaN guard, update, schedule, metric sums) against the loop body of commit 435677f (before the Trainer), taking turns
 step by step on one Trainer: same model, optimizer and data, so the ratio is the cost of the loop's own code.
 
-Like XLab's trainer, the script sets glibc to keep freed memory (xlab/runtime.py) unless told not to; that speeds
+Like XLab's trainer, the script sets glibc to keep freed memory (xlab/device.py) unless told not to; that speeds
 up the peer as much, so it moves tok/s, not the ratios.
 """
 
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from xlab.device import keep_freed_memory
 from xlab.errors import XLabError
-from xlab.metrics import mfu, peak_flops
 from xlab.models import XLabModel
-from xlab.runtime import keep_freed_memory
+from xlab.training.mfu import mfu, peak_flops
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 ISSUE_SHAPE = ["n_layer=6", "d_model=384", "n_head=6", "n_kv_head=null"]
@@ -118,7 +118,7 @@ def profile(step, rows: int, label: str) -> None:
 
 
 def legacy_loop_step(tr, sums: dict) -> None:
-    """The loop body of xlab/trainer.py at 435677f: NaN noted on the device, the update always applied."""
+    """The loop body of xlab/training/trainer.py at 435677f: NaN noted on the device, the update always applied."""
     t = tr.t
     step_loss = torch.zeros((), device=tr.device)
     for _ in range(t.grad_accum_steps):
@@ -146,8 +146,8 @@ def loop_table(args) -> None:
 
     from omegaconf import OmegaConf
 
-    from xlab.config import TrainConfig
-    from xlab.trainer import Trainer
+    from xlab.training.config import TrainConfig
+    from xlab.training.trainer import Trainer
 
     where = platform.processor() or platform.machine()
     print(f"# {where}, {torch.get_num_threads()} threads, torch {torch.__version__}; model {' '.join(args.set)}, "
@@ -240,7 +240,7 @@ def main() -> None:
 
 
 def mfu_of(model: XLabModel, device: str, precision: str, tokens: int):
-    """step seconds -> "MFU %" against the device's peak (xlab/metrics.py's table; "-" where none is known: CPUs)."""
+    """step seconds -> "MFU %" against the device's peak (training/mfu.py's table; "-" where none is known: CPUs)."""
     peak = peak_flops(torch.device(device), "bf16" if precision == "bf16" else "no")
     return lambda seconds: f"{100 * mfu(model.flops_per_token(), tokens / seconds, peak):.1f}%" if peak else "-"
 

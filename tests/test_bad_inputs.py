@@ -88,7 +88,7 @@ TRAIN_CASES = [
     (["trainer.on_nan=ignore"], "trainer.on_nan=ignore Invalid value 'ignore', expected one of [stop, skip]"),
     # the old boolean spelling: the one-line error lists the three values
     (["trainer.compile=true"], "trainer.compile=true Invalid value 'True', expected one of [auto, on, off]"),
-    # numbers: finite, and in the range the schema gives each field (xlab/config.py)
+    # numbers: finite, and in the range the schema gives each field (xlab/schema.py)
     (["optimizer.eps=-1"], "optimizer.eps=-1.0 must be > 0"),
     (["optimizer.lr=nan"], "optimizer.lr=nan must be a finite number > 0"),
     (["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number > 0"),
@@ -141,7 +141,7 @@ def test_bad_train_config(args, expect, tiny_run: Path, capsys, monkeypatch):
 
 def test_accelerate_fsdp_plugin_is_refused(tiny_run: Path, capsys, monkeypatch):
     """A launch config with distributed_type: FSDP would hand the model to Accelerate's plugin, which XLab does not
-    use (it shards the model itself: xlab/parallel.py)."""
+    use (it shards the model itself: xlab/training/parallel.py)."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     before = snapshot(tiny_run)
     fails_in_one_line_in_process("train", f"hydra.run.dir={tiny_run}", expect="ACCELERATE_USE_FSDP=true",

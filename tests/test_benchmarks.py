@@ -31,7 +31,7 @@ def test_train_throughput_against_transformers_prints_ratios():
         assert rows == ["fp32", "bf16"], out
     ours, theirs = re.search(rf"loss at init XLab ({NUMBER}), ReferenceGPT ({NUMBER})", out).groups()
     assert ours == theirs, out  # the same weights: the race is between two ways of computing one model
-    assert out.count(" | - / - |\n") == 6, out  # MFU: no known peak for a CPU (xlab/metrics.py), so none claimed
+    assert out.count(" | - / - |\n") == 6, out  # MFU: no known peak for a CPU (xlab/training/mfu.py), so none claimed
     # XLab and its peers (gpt2: the plain GPT and transformers; llama: transformers) at 2 precisions
     assert out.count("#### top ops") == 10 and "aten::mm" in out
 
@@ -82,15 +82,15 @@ def test_recipe_baseline_is_still_the_default_of_commit_435677f():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from xlab.cli import CONFIG_DIR
-    from xlab.config import register_configs
+    from xlab.cli import CONFIG_DIR, register_schema
+    from xlab.training.config import TrainConfig
 
     spec = importlib.util.spec_from_file_location("recipes", ROOT / "benchmarks" / "recipes.py")
     recipes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipes)
     overrides, steps = recipes.RECIPES["gpt2_900"]
     assert steps == recipes.BASELINE_STEPS == 900
-    register_configs()
+    register_schema("train", TrainConfig)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="train", overrides=overrides))
     old = yaml.safe_load((ROOT / "tests/fixtures/ckpt_435677f/step_000003/config.yaml").read_text())

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from xlab.config import TokenizerConfig
-from xlab.evaluation import evaluate
+from xlab.data.config import TokenizerConfig
+from xlab.data.tokenizer import TOKENIZERS, XLabTokenizer
+from xlab.evaluation.windows import score_windows as evaluate
 from xlab.models import XLabModel
-from xlab.tokenizer import TOKENIZERS, XLabTokenizer
 
 TEXT = "Hello wörld — naïve café, 你好 🙂\ttabs and\nnew lines; [brackets] & <tags> too. " * 40
 SMALL = [  # the fixture corpus: 70 short documents, a 300-token vocab, a 1-layer model: seconds per run
@@ -126,8 +126,8 @@ def test_a_run_of_many_epochs_is_warned_and_early_stopping_ends_it(tmp_path: Pat
 def test_small_data_regularization_follows_the_epoch_count():
     from omegaconf import OmegaConf
 
-    from xlab.config import TrainConfig
-    from xlab.trainer import regularize_small_data
+    from xlab.training.config import TrainConfig
+    from xlab.training.trainer import regularize_small_data
 
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.optimizer.weight_decay = 0.1  # below the floor

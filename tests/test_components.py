@@ -12,13 +12,14 @@ from conftest import TINY, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from xlab.cli import CONFIG_DIR
-from xlab.config import ModelConfig, OptimizerConfig, SchedulerConfig, register_configs
+from xlab.cli import CONFIG_DIR, register_schema
 from xlab.models import XLabModel
-from xlab.optimizers import OPTIMIZERS
-from xlab.schedulers import SCHEDULERS, build_scheduler
+from xlab.models.config import ModelConfig
+from xlab.training.config import OptimizerConfig, SchedulerConfig, TrainConfig
+from xlab.training.optimizers import OPTIMIZERS
+from xlab.training.schedulers import SCHEDULERS, build_scheduler
 
-register_configs()
+register_schema("train", TrainConfig)
 PRESETS = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml"))
 
 
@@ -127,7 +128,7 @@ def test_schedule_equals_its_formula(name):
 def test_schedules_and_optimizers_run_in_the_trainer(name, tmp_path):
     from test_training import tiny_config
 
-    from xlab.trainer import train
+    from xlab.training.trainer import train
 
     cfg = tiny_config(max_steps=6, log_every=2)
     if name in OPTIMIZERS:
@@ -160,8 +161,9 @@ def test_compiled_run_checkpoint_loads_into_an_uncompiled_model(tmp_path):
 
 
 def test_compile_auto_is_on_for_cuda_only_and_never_under_fsdp(monkeypatch):
-    from xlab.config import Strategy, Switch, TrainerConfig
-    from xlab.trainer import compile_enabled
+    from xlab.schema import Switch
+    from xlab.training.config import Strategy, TrainerConfig
+    from xlab.training.trainer import compile_enabled
 
     for cuda, strategy, switch, expected in [
         (False, Strategy.ddp, Switch.auto, False), (True, Strategy.ddp, Switch.auto, True),

@@ -9,12 +9,12 @@ from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from xlab.cli import CONFIG_DIR
-from xlab.config import register_configs
+from xlab.cli import CONFIG_DIR, register_schema
 from xlab.errors import XLabError
 from xlab.registry import Registry
+from xlab.training.config import TrainConfig
 
-register_configs()
+register_schema("train", TrainConfig)
 
 
 def composed(*overrides: str) -> dict:

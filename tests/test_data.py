@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from xlab.config import TokenizerConfig
+from xlab.data.config import TokenizerConfig
 from xlab.data.datamodule import RandomWindows, eval_windows
 from xlab.data.pydocs import pydocs_documents
 from xlab.data.sources import SPLITS, split_indices
+from xlab.data.tokenizer import XLabTokenizer, train_bpe
 from xlab.errors import XLabError
-from xlab.tokenizer import XLabTokenizer, train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The fast decoding path (xlab/decoding.py): the static KV cache and the compiled step compute what the dynamic
+"""The fast decoding path (xlab/generation/fast.py): the static KV cache and the compiled step compute what the dynamic
 cache computes — logits within 1e-5 in fp32, the same greedy and beam outputs."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xlab import inference
-from xlab.config import SamplerConfig
-from xlab.decoding import DecodeOptions, cache_size
+from xlab.generation import api as inference
+from xlab.generation.config import SamplerConfig
+from xlab.generation.fast import DecodeOptions, cache_size
+from xlab.generation.sampling import beam_search, decode_tokens
 from xlab.models import XLabModel
 from xlab.models.transformer import StaticKVCache
-from xlab.sampling import beam_search, decode_tokens
 
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2, tie_embeddings=False)
 KNOBS = pytest.mark.parametrize("knobs", [{}, LLAMA], ids=["learned", "rope"])
@@ -111,7 +111,7 @@ def test_compiled_step_equals_eager():
     assert compiled.compile, "the compiled step fell back to eager"
     assert "first_step_s" in compiled.stats
     assert got == greedy(model, ids, mask, 10, DecodeOptions())
-    from xlab.decoding import StaticStepper
+    from xlab.generation.fast import StaticStepper
 
     eager_step = StaticStepper(model, mask, 20, DecodeOptions())
     compiled_step = StaticStepper(model, mask, 20, DecodeOptions(compile=True))
@@ -123,7 +123,7 @@ def test_compiled_step_equals_eager():
 
 
 def test_int8_linear_is_close_to_the_float_linear():
-    from xlab.decoding import Int8Linear
+    from xlab.generation.fast import Int8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
@@ -135,8 +135,8 @@ def test_int8_linear_is_close_to_the_float_linear():
 
 
 def test_for_inference_names_the_valid_dtypes():
-    from xlab.decoding import for_inference
     from xlab.errors import XLabError
+    from xlab.generation.fast import for_inference
 
     with pytest.raises(XLabError, match=r"dtype='int4'; valid: auto, fp32, bf16, fp16, int8"):
         for_inference(tiny(), "int4")
@@ -152,7 +152,7 @@ def test_low_precision_greedy_agrees_with_fp32_on_a_trained_checkpoint(tiny_run,
     import copy
 
     from xlab.datamodules import XLabDataModule
-    from xlab.decoding import for_inference
+    from xlab.generation.fast import for_inference
 
     ckpt = tiny_run / "checkpoints" / "last"
     model = XLabModel.load_from_checkpoint(ckpt).eval().requires_grad_(False)

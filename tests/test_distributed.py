@@ -109,7 +109,7 @@ def test_in_loop_task_accuracy_is_the_same_on_one_and_two_ranks(ddp_run, fsdp_ru
 def test_in_loop_task_accuracy_equals_lm_evals_on_the_last_checkpoint(single_run: Path):
     """What training logged at its last evaluation is what lm-eval's task machinery scores on the checkpoint."""
     pytest.importorskip("lm_eval")
-    from xlab.harness import score_tasks
+    from xlab.evaluation.harness import score_tasks
 
     results, _ = score_tasks(single_run / "checkpoints" / "last", ["xlab_continuation", "xlab_cloze"], limit=25)
     final = records(single_run, "val/loss")[-1]

@@ -8,11 +8,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from xlab.cli import CONFIG_DIR
-from xlab.config import register_configs
+from xlab.cli import CONFIG_DIR, register_schema
 from xlab.data.synthetic import write_wikipedia_parquet
+from xlab.training.config import TrainConfig
 
-register_configs()
+register_schema("train", TrainConfig)
 EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
 SHRINK = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.max_len=32", "tokenizer.vocab_size=512",
           "trainer.batch_size=2", "trainer.grad_accum_steps=2", "trainer.max_steps=3", "trainer.eval_batches=1",
@@ -21,7 +21,7 @@ SHRINK = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.max_le
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_runs_a_few_steps(name: str, tmp_path: Path):
-    from xlab.trainer import train
+    from xlab.training.trainer import train
 
     overrides = [f"experiment={name}", *SHRINK]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

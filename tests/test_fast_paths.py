@@ -183,7 +183,7 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "keep":
-    from xlab.runtime import keep_freed_memory
+    from xlab.device import keep_freed_memory
     assert keep_freed_memory() and keep_freed_memory()
 t = torch.ones(64 << 20, dtype=torch.uint8)
 held = libc.mallinfo2()

@@ -11,13 +11,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from xlab.cli import CONFIG_DIR
-from xlab.config import TrainConfig, register_configs
+from xlab.cli import CONFIG_DIR, register_schema
 from xlab.data.prepare import prepare_data
 from xlab.data.synthetic import ArticleWriter
 from xlab.fsio import fsync_dir, publish_dir, publish_symlink
+from xlab.training.config import TrainConfig
 
-register_configs()
+register_schema("train", TrainConfig)
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="maps fds to paths through /proc")
 
 

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on XLab checkpoints (xlab/harness.py, xlab/tasks): lm-eval's real task machinery on the
+"""lm-evaluation-harness on XLab checkpoints (xlab/evaluation/harness.py, tasks/): lm-eval's real task machinery on the
 shipped local task, offline. XLabLM's log-likelihoods equal a direct computation with the model; the same task on a
 format=hf export through lm-eval's own HF wrapper gives the same accuracy; the CLI writes eval_tasks.json; a task
 that is unknown or cannot be fetched offline fails in one line."""
@@ -19,8 +19,8 @@ from conftest import run_cli  # noqa: E402
 from test_bad_inputs import fails_in_one_line_in_process  # noqa: E402
 
 from xlab.datamodules import XLabDataModule  # noqa: E402
+from xlab.evaluation.tasks import CLOZE, CONTINUATION, NUM_CHOICES, ContinuationSpec, write_local_tasks  # noqa: E402
 from xlab.models import XLabModel  # noqa: E402
-from xlab.tasks import CLOZE, CONTINUATION, NUM_CHOICES, ContinuationSpec, write_local_tasks  # noqa: E402
 
 TOL = 1e-5
 
@@ -46,7 +46,7 @@ def setup(ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def xlab_results(setup):
-    from xlab.harness import XLabLM, run_tasks
+    from xlab.evaluation.harness import XLabLM, run_tasks
 
     model, tok, manager = setup
     return run_tasks(XLabLM(model, tok, batch_size=4), [CONTINUATION], manager, log_samples=True)
@@ -81,7 +81,7 @@ def test_loglikelihoods_equal_a_direct_computation(setup, xlab_results):
 def test_rolling_and_generation(setup):
     from lm_eval.api.instance import Instance
 
-    from xlab.harness import XLabLM
+    from xlab.evaluation.harness import XLabLM
     from xlab.inference import generate
 
     model, tok, _ = setup
@@ -111,7 +111,7 @@ def test_rolling_and_generation(setup):
 def test_hf_export_through_lm_evals_hf_wrapper_scores_the_same(ckpt, setup, xlab_results, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
-    from xlab.harness import run_tasks
+    from xlab.evaluation.harness import run_tasks
     from xlab.models.hf import export_hf
 
     out = export_hf(ckpt, tmp_path / "hf")  # what `python -m xlab.export format=hf` runs (tested in test_hf_interop)
@@ -131,7 +131,7 @@ def test_cli_writes_eval_tasks_json_and_results_shows_it(ckpt: Path, tmp_path: P
                    "batch_size=4")
     assert f"|{CONTINUATION}|" in proc.stdout and f"|{CLOZE}" in proc.stdout
     record = json.loads((ckpt / "eval_tasks.json").read_text())
-    from xlab.evaluate import task_precision
+    from xlab.device import task_precision
 
     assert record["precision"] == task_precision("auto", torch.device("cpu"))  # auto, as scored here
     rows = {(row["task"], row["metric"]): row for row in record["rows"]}
@@ -193,18 +193,18 @@ def test_harness_benchmark_compares_xlablm_with_hflm(tiny_run: Path):
 
 
 def test_auto_precision_is_bf16_where_fast(monkeypatch):
-    import xlab.precision
-    from xlab.evaluate import task_precision
+    import xlab.device
+    from xlab.device import task_precision
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(xlab.precision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(xlab.device, "cpu_has_fast_bf16", lambda: True)
     assert task_precision("auto", cpu) == "bf16" and task_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(xlab.precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(xlab.device, "cpu_has_fast_bf16", lambda: False)
     assert task_precision("auto", cpu) == "fp32" and task_precision("bf16", cpu) == "bf16"
 
 
 def test_cloze_items_are_a_passage_and_its_next_whole_word(ckpt: Path, tmp_path: Path):
-    from xlab.tasks import CLOZE_WORD, document_windows
+    from xlab.evaluation.tasks import CLOZE_WORD, document_windows
 
     datamodule = XLabDataModule.load_from_checkpoint(ckpt)
     spec = ContinuationSpec(num_docs=40).fitted(64)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.models import XLabModel
+from xlab.models.config import ModelConfig
 from xlab.models.loss import lm_loss_sums
 from xlab.models.transformer import RotaryPositions, default_d_ff
 

@@ -17,16 +17,16 @@ from conftest import REPO, TINY, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from xlab.cli import CONFIG_DIR
-from xlab.config import TrainConfig, register_configs
+from xlab.cli import CONFIG_DIR, register_schema
 from xlab.data.datamodule import RandomWindows, XLabDataModule, eval_windows
 from xlab.data.prepare import prepare_data
 from xlab.data.shards import SplitWriter, TokenShards
 from xlab.data.sources import SOURCES, document_batches, split_ids
 from xlab.data.synthetic import ArticleWriter, write_wikipedia_parquet
 from xlab.errors import XLabError
+from xlab.training.config import TrainConfig
 
-register_configs()
+register_schema("train", TrainConfig)
 
 
 def config(*overrides: str) -> TrainConfig:
@@ -134,7 +134,7 @@ def write_txt_corpus(directory: Path, n: int) -> None:
 
 
 def test_text_files_trains_on_a_directory_of_txt_files(tmp_path):
-    from xlab.trainer import train
+    from xlab.training.trainer import train
 
     write_txt_corpus(tmp_path / "corpus", 80)
     cfg = config("data=text_files", f"data.data_files={tmp_path / 'corpus'}", *TINY, "tokenizer.vocab_size=400",

@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from xlab import inference
-from xlab.config import SamplerConfig
 from xlab.errors import XLabError
+from xlab.generation import api as inference
+from xlab.generation.config import SamplerConfig
+from xlab.generation.sampling import (
+    beam_search,
+    check_sampler_config,
+    decode_tokens,
+    process,
+    top_k_filter,
+    top_p_filter,
+)
 from xlab.models import XLabModel
 from xlab.models.hf import to_hf_model
 from xlab.models.transformer import KVCache
-from xlab.sampling import beam_search, check_sampler_config, decode_tokens, process, top_k_filter, top_p_filter
 
 EOS = 3
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2, tie_embeddings=False)

@@ -75,7 +75,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def local():
     """The same checkpoint in this process, decoded by xlab.inference: what the server must reproduce."""
     from xlab.datamodules import XLabDataModule
-    from xlab.decoding import for_inference
+    from xlab.generation.fast import for_inference
     from xlab.models import XLabModel
 
     return for_inference(XLabModel.load_from_checkpoint(FIXTURE), "fp32"), XLabDataModule.load_from_checkpoint(
@@ -146,7 +146,7 @@ def test_greedy_completion_is_xlab_generates(server):
     {"sampler": "beam", "num_beams": 3},
 ])
 def test_completions_match_xlab_inference(server, local, options):
-    from xlab.config import SamplerConfig
+    from xlab.generation.config import SamplerConfig
     from xlab.inference import generate
 
     model, tokenizer = local

@@ -1,6 +1,6 @@
-"""Speculative decoding (xlab/speculative.py) is exact: greedy output equals the target's greedy output whatever the
-draft, and sampled tokens are distributed as the target's (a chi-square test at a fixed seed, which the draft's
-own distribution fails)."""
+"""Speculative decoding (xlab/generation/speculative.py) is exact: greedy output equals the target's greedy output
+whatever the draft, and sampled tokens are distributed as the target's (a chi-square test at a fixed seed, which the
+draft's own distribution fails)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from xlab.config import SamplerConfig
-from xlab.decoding import DecodeOptions
 from xlab.errors import XLabError
-from xlab.inference import left_pad
+from xlab.generation.api import left_pad
+from xlab.generation.config import SamplerConfig
+from xlab.generation.fast import DecodeOptions
+from xlab.generation.sampling import decode_tokens, process
+from xlab.generation.speculative import speculative_decode
 from xlab.models import XLabModel
-from xlab.sampling import decode_tokens, process
-from xlab.speculative import speculative_decode
 
 
 def model(seed: int, layers: int, vocab: int = 97, max_len: int = 64, std: float = 0.2) -> XLabModel:

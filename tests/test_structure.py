@@ -104,5 +104,76 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_inference_commands_do_not_import_the_trainer():
     mods = modules()
     graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
-    for command in ("xlab.evaluate", "xlab.generate", "xlab.export", "xlab.inference"):
-        assert "xlab.trainer" not in reachable(graph, command), command
+    for command in ("xlab.evaluate", "xlab.generate", "xlab.export", "xlab.inference", "xlab.serve.__main__"):
+        assert "xlab.training.trainer" not in reachable(graph, command), command
+
+
+# The `python -m xlab.<command>` entry points: thin, each imports no other, and nothing imports them.
+COMMANDS = {"xlab.train", "xlab.prepare", "xlab.evaluate", "xlab.generate", "xlab.export", "xlab.results",
+            "xlab.plot", "xlab.sweep", "xlab.serve.__main__"}
+# What may sit at the top of xlab/ besides the commands and the stage packages: the shared core and the two public
+# API modules of the README's "Use in your code".
+CORE = {"xlab", "xlab.cli", "xlab.schema", "xlab.registry", "xlab.errors", "xlab.fsio", "xlab.device",
+        "xlab.inference", "xlab.datamodules"}
+PACKAGES = {"xlab.models", "xlab.data", "xlab.checkpoint", "xlab.training", "xlab.generation", "xlab.evaluation",
+            "xlab.serve"}
+
+
+def test_no_command_imports_another_and_no_package_imports_a_command():
+    mods = modules()
+    assert COMMANDS <= set(mods), COMMANDS - set(mods)
+    graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    bad = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if b in COMMANDS]
+    assert not bad, bad
+
+
+def test_the_top_level_holds_only_commands_core_and_stage_packages():
+    top = {".".join(name.split(".")[:2]) for name in modules()}
+    assert top <= COMMANDS | CORE | PACKAGES, top - (COMMANDS | CORE | PACKAGES)
+
+
+def package_graph() -> dict[str, set[str]]:
+    """The import graph with each folder of xlab/ collapsed to one node (function-level imports included)."""
+    mods = modules()
+    graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+    def node(name: str) -> str:
+        head = ".".join(name.split(".")[:2])
+        return head if head in PACKAGES else name
+
+    collapsed: dict[str, set[str]] = {}
+    for a, targets in graph.items():
+        collapsed.setdefault(node(a), set()).update(node(b) for b in targets if node(b) != node(a))
+    return collapsed
+
+
+def test_the_package_graph_is_small_and_acyclic():
+    graph = package_graph()
+    arrows = sum(len(targets) for targets in graph.values())
+    assert len(graph) <= 25 and arrows <= 110, (len(graph), arrows)
+    assert find_cycle(graph) is None, find_cycle(graph)
+
+
+def function_level_imports() -> list[tuple[str, int, list[str]]]:
+    """(module, line, the lines of its import group) of every import inside a function in xlab/."""
+    found = []
+    for name, path in modules().items():
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Import | ast.ImportFrom):
+                        first = node.lineno - 1
+                        while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                            first -= 1  # a comment anywhere in a group of imports covers the group
+                        found.append((name, node.lineno, lines[first:node.end_lineno]))
+    return found
+
+
+def test_function_level_imports_are_few_and_each_says_why():
+    """A function-level import hides a dependency from the module's header: each is for an optional dependency or
+    for start-up time, said in a comment on its line or on its group's."""
+    found = function_level_imports()
+    assert len(found) <= 60, len(found)
+    unexplained = [f"{name}:{line}" for name, line, group in found if not any("#" in text for text in group)]
+    assert not unexplained, unexplained

@@ -155,7 +155,7 @@ def test_sbatch_script_on_two_nodes_is_one_run_in_a_fixed_run_dir(tmp_path: Path
 
 
 def test_summary_leaves_out_jobs_of_an_earlier_sweep_into_the_same_dir(tmp_path: Path):
-    from xlab.sweep import _job_stamps, find_jobs
+    from xlab.training.runs import find_jobs, job_stamps
 
     (tmp_path / "multirun.yaml").write_text("{}\n")
     for num in (0, 1):
@@ -165,7 +165,7 @@ def test_summary_leaves_out_jobs_of_an_earlier_sweep_into_the_same_dir(tmp_path:
         (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
         (job / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "val/loss": 5.0 + num,
                                                        "val/accuracy": 1.0}) + "\n")
-    before = _job_stamps(tmp_path)
+    before = job_stamps(tmp_path)
     assert [j.num for j in find_jobs(tmp_path)] == [0, 1]
     rewritten = tmp_path / "0" / ".hydra" / "overrides.yaml"  # the new sweep ran job 0 only
     os.utime(rewritten, (rewritten.stat().st_atime, rewritten.stat().st_mtime + 5))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from xlab.config import TokenizerConfig
+from xlab.data.config import TokenizerConfig
 from xlab.data.synthetic import ArticleWriter
+from xlab.data.tokenizer import TOKENIZERS, XLabTokenizer, check_tokenizer_config, train_tokenizer
 from xlab.errors import XLabError
-from xlab.tokenizer import TOKENIZERS, XLabTokenizer, check_tokenizer_config, train_tokenizer
 
 KINDS = ["bpe", "unigram", "wordpiece"]
 # Characters the training texts never contain (CJK, emoji, combining marks, tabs, runs of spaces, "##", "…").
@@ -59,7 +59,7 @@ def test_lowercase_and_nfkc_as_configured(kind, texts):
 
 def test_bad_tokenizer_settings_are_one_line_errors():
     with pytest.raises(XLabError, match="tokenizer.normalization='nfkx' is not valid; valid: nfc, nfkc, nfd, nfkd"):
-        check_tokenizer_config(TokenizerConfig(normalization="nfkx"))  # the schema refuses it (xlab/config.py)
+        check_tokenizer_config(TokenizerConfig(normalization="nfkx"))  # the schema refuses it (xlab/schema.py)
     with pytest.raises(XLabError, match="unknown tokenizer 'sentencepiece'; valid: bpe, unigram, wordpiece"):
         check_tokenizer_config(TokenizerConfig(name="sentencepiece"))
     with pytest.raises(XLabError, match="vocab_size=300 is too small; it must be >= 516"):

@@ -15,8 +15,8 @@ from conftest import REPO, TINY, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from xlab.config import TrainConfig
-from xlab.trainer import Trainer, to_device, train
+from xlab.training.config import TrainConfig
+from xlab.training.trainer import Trainer, to_device, train
 
 FIXTURE = REPO / "tests" / "fixtures" / "ckpt_435677f"
 # The fixture run's command line (tests/fixtures/ckpt_435677f/README.md); data_files is relative to the repo root.
@@ -117,11 +117,13 @@ def test_group_yaml_files_set_only_what_differs_from_the_dataclasses():
 
     import yaml
 
-    from xlab import config as C
+    from xlab.data.config import DataConfig, TokenizerConfig
+    from xlab.generation.config import SamplerConfig
+    from xlab.models.config import ModelConfig
+    from xlab.training.config import LoggerConfig, OptimizerConfig, SchedulerConfig, TrainerConfig
 
-    groups = {"model": C.ModelConfig, "data": C.DataConfig, "tokenizer": C.TokenizerConfig,
-              "optimizer": C.OptimizerConfig, "scheduler": C.SchedulerConfig, "trainer": C.TrainerConfig,
-              "logger": C.LoggerConfig, "sampler": C.SamplerConfig}
+    groups = {"model": ModelConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "optimizer": OptimizerConfig,
+              "scheduler": SchedulerConfig, "trainer": TrainerConfig, "logger": LoggerConfig, "sampler": SamplerConfig}
     restated = []
     for group, schema in groups.items():
         defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from xlab.config import TrainConfig
 from xlab.data.datamodule import XLabDataModule
 from xlab.models import XLabModel
-from xlab.trainer import train
+from xlab.training.config import TrainConfig
+from xlab.training.trainer import train
 
 
 def tiny_config(**trainer) -> TrainConfig:

@@ -11,9 +11,10 @@ import pytest
 from conftest import TINY, run_cli
 from omegaconf import OmegaConf
 
-from xlab.config import LoggerConfig, TrainConfig, to_container
 from xlab.errors import XLabError
-from xlab.loggers import flat_config, tracker_init_kwargs, tracker_run_ids, wandb_mode
+from xlab.schema import to_container
+from xlab.training.config import LoggerConfig, TrainConfig
+from xlab.training.loggers import flat_config, tracker_init_kwargs, tracker_run_ids, wandb_mode
 
 BLOCK, HEADER = 32768, 7  # the .wandb file is a LevelDB-style log: 32 KiB blocks of CRC/length/type-framed chunks
 

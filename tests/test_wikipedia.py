@@ -15,14 +15,14 @@ from conftest import TINY, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from xlab.cli import CONFIG_DIR
-from xlab.config import TrainConfig, register_configs
+from xlab.cli import CONFIG_DIR, register_schema
 from xlab.data.prepare import prepare_data
 from xlab.data.sources import SPLITS, split_ids
 from xlab.data.synthetic import write_wikipedia_parquet
 from xlab.errors import XLabError
+from xlab.training.config import TrainConfig
 
-register_configs()
+register_schema("train", TrainConfig)
 ARTICLES = 300
 
 
@@ -86,7 +86,7 @@ def test_max_documents_and_bad_input(wiki_dir, tmp_path):
 @pytest.fixture(scope="module")
 def wiki_run(wiki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model trained in-process on the parquet corpus, with token shards of ~40 KB (several per split)."""
-    from xlab.trainer import train
+    from xlab.training.trainer import train
 
     run_dir = tmp_path_factory.mktemp("wiki_run")
     cfg = wiki(wiki_dir, *TINY, "tokenizer.vocab_size=512", "data.shard_size_mb=0.04", "trainer.max_steps=8",
@@ -148,7 +148,7 @@ def test_wiki_large_composes_with_the_sizes_of_the_issue():
     assert t["max_steps"] * tokens_per_step > 4e9  # about one epoch of the ~4.3B-token train split
     assert t["eval_every"] <= 500 and t["ckpt_every"] <= 2000 and t["ckpt_every"] % t["eval_every"] == 0
 
-    from xlab.data.estimate import epoch_estimate, model_flops_per_token
+    from xlab.training.estimate import epoch_estimate, model_flops_per_token
 
     typed = config("experiment=wiki_large")
     flops, params = model_flops_per_token(typed.model, 32768)

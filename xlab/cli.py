@@ -8,11 +8,24 @@ override deserve one line that names the bad value and what is valid, so we let 
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from xlab.errors import XLabError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 # Commands over train.yaml (train, prepare) use every config group, so Hydra's own --help fits them. The others share
@@ -22,18 +35,12 @@ HELP_FLAGS = ("--help", "-h")
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from xlab.errors import XLabError
 
     return (XLabError, HydraException, MissingConfigException, OmegaConfBaseException)
 
 
 def one_line(exc: BaseException) -> str:
     """Squeeze an exception (and the OmegaConf cause Hydra wraps) into one readable line."""
-    from hydra.errors import MissingConfigException
-
     if isinstance(exc, MissingConfigException):
         msg = str(exc).splitlines()[0]
         if exc.options:
@@ -49,15 +56,20 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
+def typed(cfg: DictConfig) -> Any:
+    """A composed config (its `hydra` node dropped) as its schema's dataclasses: every value checked."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_object(cfg)
+
+
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
     """The overrides of each job of a `-m` grid, split as Hydra's basic sweeper splits them; None when a sweep
     cannot be listed in advance (interval(): a search sweeper samples it)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
         return None
@@ -70,8 +82,6 @@ def prevalidate(config_name: str, validate: Callable[[Any], None],
     so bad input changes nothing on disk. A `-m` sweep has each job of its grid checked by `validate_job` before any
     job runs. Skipped for other Hydra flags (--cfg, ...) and for sweeps that cannot be listed: Hydra then composes
     each job itself and the task checks it."""
-    from hydra import compose, initialize_config_dir
-
     args = sys.argv[1:]
     flags = {arg for arg in args if arg.startswith("-")}
     if not flags:
@@ -100,9 +110,6 @@ def _usage(config_name: str) -> list[str]:
 def print_help(config_name: str, overrides: list[str]) -> None:
     """Print the command's usage, its own config groups and its composed config (with the overrides given), and
     nothing of the training groups that share configs/. Composes in memory only: nothing is written."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     # The groups this config's defaults list picked (hydra/* are Hydra's own, see --hydra-help).
@@ -119,20 +126,22 @@ def print_help(config_name: str, overrides: list[str]) -> None:
     print("\n".join(lines))
 
 
+def register_schema(config_name: str, schema: type) -> None:
+    """Store a command's dataclass as `<config_name>_schema`, the first entry of configs/<config_name>.yaml's defaults
+    list (for Hydra's compose API too)."""
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+
+
 def hydra_app(
-    config_name: str, task: Callable[[Any], Any], validate: Callable[[Any], None] | None = None,
+    config_name: str, task: Callable[[Any], Any], schema: type, validate: Callable[[Any], None] | None = None,
     validate_job: Callable[[Any], Any] | None = None,
 ) -> Callable[[], Any]:
-    """Wrap `task(cfg)` as a Hydra app over `configs/<config_name>.yaml` with one-line user errors. `validate(cfg)`
-    (cfg with its `hydra` node) runs first, before anything is written; `validate_job(cfg)` checks each job of a
-    `-m` sweep likewise."""
-    import functools
+    """Wrap `task(cfg)` as a Hydra app over `configs/<config_name>.yaml` with one-line user errors. `schema` (the
+    command's dataclass) is stored as `<config_name>_schema`, which the YAML's defaults list starts with, so every
+    value is typed and checked; `task` gets the typed config. `validate(cfg)` (the composed config with its `hydra`
+    node) runs first, before anything is written; `validate_job(cfg)` checks each job of a `-m` sweep likewise."""
 
-    import hydra
-
-    from xlab.config import register_configs
-
-    register_configs()
+    register_schema(config_name, schema)
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("XLAB_DEBUG") == "1"
 
     def report(exc: BaseException) -> None:
@@ -143,7 +152,7 @@ def hydra_app(
     def guarded_task(cfg: Any) -> Any:
         # Errors inside the job are caught here, before Hydra adds its "Error executing job" banner.
         try:
-            return task(cfg)
+            return task(OmegaConf.to_object(cfg))
         except _user_error_types() as exc:
             if debug:
                 raise

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 """The error type for bad user input: the CLIs print it as one line and exit non-zero, without a traceback."""
 
 
@@ -7,9 +10,6 @@ class XLabError(Exception):
 
 def check_writable_dir(path: object, key: str) -> None:
     """Fail with one line, before any work, when directory `path` (config key `key`) cannot be created or written."""
-    import os
-    from pathlib import Path
-
     p = Path(str(path)).expanduser().absolute()
     existing = next(q for q in (p, *p.parents) if q.exists())
     if not existing.is_dir():

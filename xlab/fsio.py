@@ -140,7 +140,7 @@ def publish_symlink(link: str | Path, target_name: str) -> None:
 def try_lock(path: str | Path) -> IO | None:
     """An exclusive lock on file `path` (created if missing), held while the returned file stays open; None when
     another process holds it."""
-    import fcntl
+    import fcntl  # POSIX only
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def try_lock(path: str | Path) -> IO | None:
 @contextlib.contextmanager
 def locked(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[IO]:
     """Hold an exclusive lock on file `path` for the block, waiting for another holder (`on_wait()` first)."""
-    import fcntl
+    import fcntl  # POSIX only
 
     f = try_lock(path)
     if f is None:

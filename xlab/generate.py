@@ -10,17 +10,65 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from xlab.cli import hydra_app
+from xlab.checkpoint.read import Checkpoint
+from xlab.cli import hydra_app, typed
+from xlab.data.config import Split
+from xlab.data.datamodule import XLabDataModule
+from xlab.data.predict import Sample, split_prompts, write_samples
+from xlab.device import pick_device
+from xlab.errors import XLabError
+from xlab.generation.api import Loaded, cut_at_stop, generate_ids, load_for_decoding
+from xlab.generation.config import CacheKind, InferenceDtype, SamplerConfig
+from xlab.generation.fast import plan
+from xlab.generation.sampling import check_beam_length, check_sampler_config
+from xlab.generation.speculative import refuse_beam
+from xlab.schema import AT_LEAST_1, NON_NEGATIVE, Choice, PathsConfig, Range, Schema, Switch
 
 
-def read_prompts(cfg) -> list[str]:
-    from xlab.errors import XLabError
+class OutputFormat(Choice):
+    text = "text"
+    jsonl = "jsonl"  # one JSON object per sequence: prompt, text, tokens (and score for beam search)
 
+
+@dataclass
+class GenerateConfig(Schema):
+    ckpt: str = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    prompt: str | None = None  # one prompt (sos is prepended)
+    prompts_file: str | None = None  # or one prompt per line of a UTF-8 file
+    num_samples: int = 1  # sequences per prompt (sampling; beam search uses sampler.num_return_sequences)
+    max_new_tokens: int = 50
+    temperature: float | None = None  # shortcut for sampler.temperature
+    seed: int | None = 0
+    output: OutputFormat = OutputFormat.text
+    batch_size: int = 8  # prompts decoded together
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
+    prompts_from: Split | None = None  # a split (predict): prompt with the first prompt_tokens of its documents
+    num_prompts: int = 8
+    prompt_tokens: int = 32
+    out: str | None = None  # prompts_from output prefix; None = <checkpoint dir>/samples_<split>.{jsonl,md}
+    dtype: InferenceDtype = InferenceDtype.auto
+    compile: Switch = Switch.auto  # torch.compile the one-token step; auto = on GPUs (CUDA graphs), off on CPUs,
+    # where the compile (~20-30 s) pays back only after ~10k tokens (BENCHMARKS.md)
+    cache: CacheKind = CacheKind.auto
+    draft: str | None = None  # speculative decoding: a smaller checkpoint with the same tokenizer (greedy, sampling)
+    draft_tokens: int = 4  # tokens the draft proposes per target forward
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    LIMITS = {
+        "num_samples": AT_LEAST_1, "draft_tokens": Range(1, 16), "max_new_tokens": NON_NEGATIVE,
+        "seed": Range(0, 2**32 - 1, note="(or null)"),
+        "temperature": SamplerConfig.LIMITS["temperature"], "batch_size": AT_LEAST_1, "num_prompts": AT_LEAST_1,
+        "prompt_tokens": AT_LEAST_1,
+    }
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
     if cfg.prompts_file is not None:
         path = Path(cfg.prompts_file)
         try:
@@ -51,39 +99,6 @@ class Streamer:
             self.shown = text
 
 
-def load_model(cfg, ckpt, device, tokenizer):
-    """The checkpoint's model (and draft=, if given) converted for decoding as dtype/compile/cache say; prints the
-    path taken."""
-    from xlab.decoding import describe, for_inference, plan
-    from xlab.models import XLabModel
-
-    dtype, decoding = plan(cfg.dtype, cfg.compile, cfg.cache, device)
-    model = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
-    speculative = ""
-    if cfg.draft is not None:  # speculation runs both models eagerly over static caches (xlab/speculative.py)
-        decoding.static, decoding.compile = True, False
-        decoding.draft, decoding.draft_tokens = load_draft(cfg.draft, model, tokenizer, device, dtype), cfg.draft_tokens
-        speculative = f", speculative with draft={cfg.draft} ({cfg.draft_tokens} tokens per target forward)"
-    print(describe(dtype, decoding, device) + speculative, file=sys.stderr, flush=True)  # stderr: jsonl stays parseable
-    return model, decoding
-
-
-def load_draft(path, target, tokenizer, device, dtype):
-    from xlab.checkpoint import resolve_checkpoint
-    from xlab.datamodules import XLabDataModule
-    from xlab.decoding import for_inference
-    from xlab.errors import XLabError
-    from xlab.models import XLabModel
-    from xlab.speculative import check_draft
-
-    ckpt = resolve_checkpoint(path)
-    if XLabDataModule.load_from_checkpoint(ckpt).tokenizer.tokenizer.get_vocab() != tokenizer.tokenizer.get_vocab():
-        raise XLabError(f"draft={path!r} has another tokenizer than ckpt: the draft must share the target's")
-    draft = for_inference(XLabModel.load_from_checkpoint(ckpt, map_location=device), dtype)
-    check_draft(target, draft)
-    return draft
-
-
 def report(decoding) -> None:
     """After speculative decoding: how much of the draft the target kept."""
     stats = decoding.stats
@@ -95,40 +110,28 @@ def report(decoding) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """The schema's checks (xlab/config.py), the sampler's and the device, before any work."""
-    from omegaconf import open_dict
-
-    from xlab.decoding import plan
-    from xlab.evaluate import pick_device
-    from xlab.sampling import check_beam_length, check_sampler_config
-
-    with open_dict(cfg):
-        del cfg["hydra"]
-    cfg = OmegaConf.to_object(cfg)
+    """The schema's checks, the sampler's and the device, before any work."""
+    cfg = typed(cfg)
     check_sampler_config(cfg.sampler)
     check_beam_length(cfg.sampler, cfg.max_new_tokens)
     plan(cfg.dtype, cfg.compile, cfg.cache, pick_device(cfg.device))
     if cfg.draft is not None:
-        from xlab.speculative import refuse_beam
-
         refuse_beam(cfg.sampler.name)
 
 
-def task(cfg: DictConfig) -> list:
-    from xlab.datamodules import XLabDataModule
-    from xlab.evaluate import pick_device
-    from xlab.inference import cut_at_stop, generate_ids
-    from xlab.sampling import check_sampler_config
+def load(cfg: GenerateConfig, ckpt: str | Checkpoint) -> Loaded:
+    return load_for_decoding(ckpt, pick_device(cfg.device), cfg.dtype, cfg.compile, cfg.cache, cfg.draft,
+                             cfg.draft_tokens)
 
-    cfg = OmegaConf.to_object(cfg)
+
+def task(cfg: GenerateConfig) -> list:
     sampler = cfg.sampler if cfg.temperature is None else replace(cfg.sampler, temperature=cfg.temperature)
     check_sampler_config(sampler)
     if cfg.prompts_from is not None:
         return predict_split(cfg, sampler)
     prompts = read_prompts(cfg)
-    device = pick_device(cfg.device)
-    tokenizer = XLabDataModule.load_from_checkpoint(cfg.ckpt).tokenizer
-    model, decoding = load_model(cfg, cfg.ckpt, device, tokenizer)
+    loaded = load(cfg, cfg.ckpt)
+    model, tokenizer, decoding = loaded.model, loaded.tokenizer, loaded.decoding
     repeats = cfg.num_samples if sampler.name != "beam" else 1
     jobs = [p for p in prompts for _ in range(repeats)]
     stream = len(jobs) == 1 and cfg.output == "text" and sampler.name != "beam" and not sampler.stop
@@ -155,21 +158,13 @@ def task(cfg: DictConfig) -> list:
     return results
 
 
-def predict_split(cfg, sampler) -> list:
+def predict_split(cfg: GenerateConfig, sampler: SamplerConfig) -> list:
     """Sample a continuation of the first prompt_tokens tokens of num_prompts documents of a split."""
-    from xlab.checkpoint import resolve_checkpoint
-    from xlab.data.predict import Sample, split_prompts, write_samples
-    from xlab.datamodules import XLabDataModule
-    from xlab.evaluate import pick_device
-    from xlab.inference import generate_ids
-
-    ckpt = resolve_checkpoint(cfg.ckpt)
-    device = pick_device(cfg.device)
+    loaded = load(cfg, Checkpoint(cfg.ckpt))
+    ckpt, model, tokenizer, decoding = loaded.ckpt, loaded.model, loaded.tokenizer, loaded.decoding
     datamodule = XLabDataModule.load_from_checkpoint(ckpt, cache_dir=cfg.paths.cache_dir)
-    tokenizer = datamodule.tokenizer
     prompts = split_prompts(datamodule.tokens(cfg.prompts_from), tokenizer, cfg.num_prompts, cfg.prompt_tokens,
                             cfg.max_new_tokens, cfg.prompts_from)
-    model, decoding = load_model(cfg, ckpt, device, tokenizer)
     generated = {}
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
@@ -192,7 +187,7 @@ def predict_split(cfg, sampler) -> list:
     return samples
 
 
-main = hydra_app("generate", task, validate)
+main = hydra_app("generate", task, GenerateConfig, validate)
 
 if __name__ == "__main__":
     main()

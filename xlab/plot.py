@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from xlab.errors import XLabError
+from xlab.training.runs import METRICS, read_metrics, run_labels, runs_in
 
-METRICS = "metrics.jsonl"
 # (panel title, y label, [(metric key, style)]) per row; "train" lines are solid, "val" lines dashed
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("loss", "loss (nats/token)", [("train/loss", "train"), ("val/loss", "val")]),
@@ -35,46 +35,11 @@ class Curves:
     records: list[dict[str, Any]]
 
 
-def runs_in(path: Path) -> list[Path]:
-    """A run dir (or its metrics.jsonl) → [it]; a sweep dir, or any dir of run dirs (outputs/<date>/) → its runs in
-    job order (xlab.sweep.find_jobs)."""
-    if path.is_file() and path.name == METRICS:
-        return [path.parent]
-    if not path.is_dir():
-        raise XLabError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a run dir")
-    if (path / METRICS).is_file():
-        return [path]
-    from xlab.sweep import find_jobs
-
-    runs = [job.path for job in find_jobs(path) if (job.path / METRICS).is_file()]
-    if not runs:
-        raise XLabError(f"{str(path)!r} has no {METRICS}: not a run dir, nor a sweep dir with a finished job")
-    return runs
 
 
-def run_labels(paths: list[Path]) -> list[str]:
-    """Each run's overrides that differ between the runs (a sweep's swept values); without any, its dir relative to
-    the runs' common parent (a job number, a <date>/<time>)."""
-    import os
-
-    from xlab.sweep import read_job
-
-    jobs = [read_job(p) for p in paths]
-    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
-    varying = [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
-    common = os.path.commonpath([str(p.resolve()) for p in paths])
-    labels = []
-    for path, job in zip(paths, jobs):
-        label = " ".join(f"{k}={job.overrides[k]}" for k in varying if k in job.overrides)
-        if not label:
-            label = os.path.relpath(path.resolve(), common) if len(paths) > 1 else path.resolve().name
-        labels.append(label if len(label) <= 70 else label[:69] + "…")
-    return labels
 
 
 def load_runs(inputs: list[Path]) -> list[Curves]:
-    from xlab.loggers import read_metrics
-
     paths: list[Path] = []
     for path in inputs:
         paths += [p for p in runs_in(path) if p not in paths]
@@ -93,10 +58,10 @@ def default_output(inputs: list[Path]) -> Path:
 
 
 def plot(runs: list[Curves], out: Path, title: str | None = None) -> Path:
-    import matplotlib
+    import matplotlib  # matplotlib: only xlab.plot draws
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit is imported
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: only xlab.plot draws
     from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(len(PANELS), len(X_AXES), figsize=(13, 3.2 * len(PANELS) + 1.2), squeeze=False,

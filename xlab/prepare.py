@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import logging
 
-from omegaconf import DictConfig, OmegaConf
-
 from xlab.cli import hydra_app
+from xlab.data.datamodule import XLabDataModule
+from xlab.training.config import TrainConfig
+from xlab.training.estimate import bytes_per_token, epoch_estimate, model_flops_per_token
 
 log = logging.getLogger("xlab.prepare")
 
 
-def task(cfg: DictConfig) -> dict:
-    from xlab.config import TrainConfig
-    from xlab.data.datamodule import XLabDataModule
-    from xlab.data.estimate import bytes_per_token, epoch_estimate, model_flops_per_token
-
-    typed: TrainConfig = OmegaConf.to_object(cfg)
+def task(typed: TrainConfig) -> dict:
     datamodule = XLabDataModule(typed.data, typed.tokenizer, typed.paths.cache_dir)
     prepared = datamodule.prepare()
     meta = json.loads((prepared.tokens_dir / "meta.json").read_text())
@@ -44,7 +40,7 @@ def task(cfg: DictConfig) -> dict:
     return meta
 
 
-main = hydra_app("train", task)
+main = hydra_app("train", task, TrainConfig)
 
 if __name__ == "__main__":
     main()

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 from xlab.errors import XLabError
+from xlab.evaluation.windows import score_checkpoint
+from xlab.training.runs import run_labels, runs_in
 
 CHECKPOINTS = ("best", "last")
 
 
 def checkpoint_scores(run: Path, split: str, batch_size: int, device: str) -> list[tuple[str, str, dict]]:
     """(checkpoint name, step dir, scores) of the run's best and last checkpoints (one row when they coincide)."""
-    from xlab.evaluate import score_checkpoint
-
     rows, seen = [], {}
     for name in CHECKPOINTS:
         link = run / "checkpoints" / name
@@ -58,8 +58,6 @@ def task_scores(step_dir: Path) -> dict[str, str]:
 
 
 def results_table(inputs: list[Path], split: str = "test", batch_size: int = 8, device: str = "auto") -> str:
-    from xlab.plot import run_labels, runs_in
-
     runs: list[Path] = []
     for path in inputs:
         runs += [r for r in runs_in(path) if r not in runs]

@@ -11,95 +11,28 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from xlab.loggers import read_metrics
+from xlab.training.runs import METRICS, OVERRIDES, JobResult, find_jobs, job_stamps
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
 RESULT_COLUMNS = ("step", "tokens", "val_loss", "val_bpb", "val_accuracy", "tok_per_s")
 
 
-@dataclass
-class JobResult:
-    num: int | None  # Hydra's job number (hydra.job.num), None when the job dir has no .hydra/
-    path: Path
-    overrides: dict[str, str] = field(default_factory=dict)  # key → value as typed on the command line
-    step: int | None = None
-    tokens: int | None = None
-    val_loss: float | None = None  # the last evaluation of the run (what `xlab.train` returns to the sweeper)
-    val_bpb: float | None = None  # bits per byte of that evaluation: compares across tokenizers
-    val_accuracy: float | None = None
-    tok_per_s: float | None = None  # median over the run's train lines (the first interval includes warm-up)
-    tasks: dict[str, float] = field(default_factory=dict)  # trainer.eval_tasks at that evaluation: "<task>/<metric>"
 
 
-def _split_override(text: str) -> tuple[str, str]:
-    key, _, value = text.partition("=")
-    return key.lstrip("+~"), value
 
 
-def read_job(path: Path) -> JobResult:
-    from omegaconf import OmegaConf
-
-    num = None
-    overrides: dict[str, str] = {}
-    if (path / OVERRIDES).is_file():
-        overrides = dict(_split_override(o) for o in OmegaConf.load(path / OVERRIDES))
-        hydra_yaml = path / ".hydra" / "hydra.yaml"
-        if hydra_yaml.is_file():
-            num = OmegaConf.load(hydra_yaml).hydra.job.get("num")
-    job = JobResult(num=num, path=path, overrides=overrides)
-    if not (path / METRICS).is_file():
-        return job
-    records = read_metrics(path / METRICS)
-    train = [r for r in records if "train/loss" in r]
-    val = [r for r in records if "val/loss" in r]
-    if records:
-        job.step = max(r["step"] for r in records)
-        job.tokens = max(r["tokens"] for r in records)
-    if val:
-        job.val_loss, job.val_accuracy = val[-1]["val/loss"], val[-1]["val/accuracy"]
-        job.val_bpb = val[-1].get("val/bpb")  # runs from before bits per byte have none
-        job.tasks = {k.removeprefix("tasks/"): v for k, v in val[-1].items() if k.startswith("tasks/")}
-    speeds = [r["tok_per_s"] for r in train if "tok_per_s" in r]
-    if speeds:
-        job.tok_per_s = statistics.median(speeds)
-    return job
 
 
-def _job_stamps(sweep_dir: Path) -> dict[Path, float]:
-    """Job dir → modification time of the file that marks it (Hydra's overrides.yaml, else metrics.jsonl)."""
-    if not sweep_dir.is_dir():
-        return {}
-    if (sweep_dir / "multirun.yaml").is_file():  # any hydra.sweep.subdir, at any depth
-        found = [p.parent.parent for p in sweep_dir.rglob(str(OVERRIDES))]
-        found += [p.parent for p in sweep_dir.rglob(METRICS)]
-    else:  # Optuna's sweeper writes no multirun.yaml; also a dir of runs such as outputs/<date>/
-        found = [p for p in sweep_dir.iterdir() if (p / OVERRIDES).is_file() or (p / METRICS).is_file()]
-    stamps = {}
-    for path in found:
-        marker = path / OVERRIDES if (path / OVERRIDES).is_file() else path / METRICS
-        stamps[path] = marker.stat().st_mtime
-    return stamps
 
 
-def find_jobs(sweep_dir: Path, before: dict[Path, float] | None = None) -> list[JobResult]:
-    """The job dirs of a sweep, in job order. `before` (`_job_stamps` at the sweep's start) leaves out the jobs of an
-    earlier sweep into the same dir: only dirs written since then count. File times are compared with file times,
-    never with this machine's clock, which may differ from a cluster file system's."""
-    jobs = [read_job(path) for path, stamp in _job_stamps(sweep_dir).items()
-            if before is None or before.get(path) != stamp]
-    return sorted(jobs, key=lambda j: (j.num is None, j.num if j.num is not None else 0, str(j.path)))
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -162,7 +95,7 @@ class SweepSummary(Callback):
         self.before: dict[Path, float] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.before = _job_stamps(Path(config.hydra.sweep.dir))  # jobs of an earlier sweep into the same dir
+        self.before = job_stamps(Path(config.hydra.sweep.dir))  # jobs of an earlier sweep into the same dir
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -183,7 +116,7 @@ class SubmititDistributedEnv(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
             return
-        import submitit
+        import submitit  # the optional `sweep` extra
 
         if submitit.JobEnvironment().num_tasks > 1:
             # keep every GPU visible: Accelerate picks cuda:LOCAL_RANK itself

@@ -6,23 +6,23 @@ import json
 import logging
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from xlab.cli import hydra_app
-
-if TYPE_CHECKING:
-    from xlab.config import TrainConfig
+from xlab.cli import hydra_app, typed
+from xlab.data.sources import check_source
+from xlab.errors import check_writable_dir
+from xlab.schema import to_container
+from xlab.training.config import TrainConfig
+from xlab.training.resume import check_resumable, check_resume_config
+from xlab.training.rundir import check_run_dir, is_rank_zero, lock_run_dir
+from xlab.training.trainer import check_config, resume_path, train
 
 log = logging.getLogger("xlab.train")
 
 
-def task(cfg: DictConfig) -> float:
-    from xlab.rundir import is_rank_zero, lock_run_dir
-    from xlab.trainer import train
-
+def task(cfg: TrainConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if is_rank_zero():  # taken already unless Hydra flags (-m) skipped the prevalidation
         lock_run_dir(run_dir)
@@ -46,14 +46,7 @@ def task(cfg: DictConfig) -> float:
 def validate_job(cfg: DictConfig) -> TrainConfig:
     """The config checks alone, for each job of a `-m` sweep (Hydra makes the job's run dir); returns the checked
     TrainConfig."""
-    from omegaconf import OmegaConf, open_dict
-
-    from xlab.data.sources import check_source
-    from xlab.trainer import check_config
-
-    with open_dict(cfg):
-        del cfg["hydra"]
-    train_cfg = OmegaConf.to_object(cfg)
+    train_cfg = typed(cfg)
     check_config(train_cfg)
     check_source(train_cfg.data)
     return train_cfg
@@ -61,26 +54,20 @@ def validate_job(cfg: DictConfig) -> TrainConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Config checks, the resume compatibility check and the run dir's (no fresh run over another, one writer at a
-    time: xlab/rundir.py), before Hydra writes into the run dir."""
-    from xlab.checkpoint import check_resumable, check_resume_config, resolve_checkpoint
-    from xlab.config import to_container
-    from xlab.errors import check_writable_dir
-    from xlab.rundir import check_run_dir, is_rank_zero, lock_run_dir
-    from xlab.trainer import resume_path
-
+    time: xlab/training/rundir.py), before Hydra writes into the run dir."""
     run_dir = Path(cfg.hydra.run.dir)
     check_writable_dir(run_dir, "hydra.run.dir")
     train_cfg = validate_job(cfg)
     ckpt = resume_path(train_cfg.resume, run_dir / "checkpoints")
     if ckpt is not None and train_cfg.init_from is None:
         check_resumable(ckpt)
-        check_resume_config(resolve_checkpoint(ckpt), to_container(cfg))
+        check_resume_config(ckpt, to_container(OmegaConf.structured(train_cfg)))
     check_run_dir(run_dir, train_cfg.resume, train_cfg.overwrite)
     if is_rank_zero():  # held until this process exits: the other ranks write only what rank 0 coordinates
         lock_run_dir(run_dir)
 
 
-main = hydra_app("train", task, validate, validate_job)
+main = hydra_app("train", task, TrainConfig, validate, validate_job)
 
 if __name__ == "__main__":
     main()

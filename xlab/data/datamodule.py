@@ -18,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xlab.config import DataConfig, TokenizerConfig, user_cache_dir
+from xlab.checkpoint.layout import TOKENIZER
+from xlab.checkpoint.read import Checkpoint
+from xlab.data.config import DataConfig, TokenizerConfig
 from xlab.data.prepare import Prepared, prepare_data
 from xlab.data.shards import TokenShards
 from xlab.data.sources import SPLITS
+from xlab.data.tokenizer import XLabTokenizer, load_tokenizer
 from xlab.errors import XLabError
-from xlab.tokenizer import XLabTokenizer
+from xlab.schema import user_cache_dir
 
 Tokens = np.ndarray | TokenShards
 
@@ -141,17 +144,14 @@ class XLabDataModule:
 
     @classmethod
     def load_from_checkpoint(
-        cls, path: str | Path, map_location: object = None, cache_dir: str | Path | None = None
+        cls, path: str | Path | Checkpoint, map_location: object = None, cache_dir: str | Path | None = None
     ) -> XLabDataModule:
         """The data module of a checkpoint or export: its tokenizer.json, and its data config for the token files
         (rebuilt with that tokenizer if this machine's cache lacks them). `map_location` is accepted for the
         seed's signature; data lives on the host. The tokenizer is loaded now: one that does not fit the weights is
         refused here, not as an IndexError mid-run."""
-        from xlab.checkpoint import TOKENIZER, load_section, load_tokenizer, resolve_checkpoint
-        from xlab.fsio import contained
-
-        ckpt = resolve_checkpoint(path)
-        data, tokenizer = load_section(ckpt, "data", DataConfig), load_section(ckpt, "tokenizer", TokenizerConfig)
-        module = cls(data, tokenizer, cache_dir, contained(ckpt, TOKENIZER))
+        ckpt = Checkpoint.of(path)
+        data, tokenizer = ckpt.section("data", DataConfig), ckpt.section("tokenizer", TokenizerConfig)
+        module = cls(data, tokenizer, cache_dir, ckpt.file(TOKENIZER))
         module._tokenizer = load_tokenizer(ckpt)
         return module

@@ -20,14 +20,13 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 Encoded = tuple[np.ndarray, np.ndarray]  # (concatenated tokens of the documents, token count of each)
 _worker: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str, sos: int, eos: int, dtype: str, threads: bool) -> None:
-    from tokenizers import Tokenizer
-
     if not threads:  # the worker processes are the parallelism; a rayon pool in each would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(tok=Tokenizer.from_file(tokenizer_path), sos=sos, eos=eos, dtype=np.dtype(dtype))

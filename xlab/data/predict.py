@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xlab.data.shards import TokenShards
+from xlab.data.tokenizer import XLabTokenizer
 from xlab.errors import XLabError
 from xlab.fsio import write_file
-from xlab.tokenizer import XLabTokenizer
 
 
 @dataclass

@@ -12,7 +12,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from xlab.config import DataConfig
+from xlab.data.config import DataConfig
 from xlab.data.sources import SOURCES, Source, fingerprint
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
@@ -48,7 +48,7 @@ def _docstrings(path: Path) -> str:
 
 def pydocs_documents() -> tuple[list[str], list[str]]:
     """(ids, texts) in a deterministic order."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # a 1 MB module: only when the corpus is built
 
     ids = [f"topic/{name}" for name in sorted(topics)]
     texts = [topics[name] for name in sorted(topics)]
@@ -71,7 +71,7 @@ def _fingerprint(cfg: DataConfig) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _dataset():
-    import datasets
+    import datasets  # datasets: lazily, only when used
 
     ids, texts = pydocs_documents()
     return datasets.Dataset.from_dict({"id": ids, "text": texts})

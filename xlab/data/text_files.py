@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from xlab.config import DataConfig
+from xlab.data.config import DataConfig
 from xlab.data.sources import SOURCES, Source, check_text_columns, files_fingerprint, fingerprint, resolve_files
 from xlab.errors import XLabError
 
@@ -72,7 +72,7 @@ def _jsonl(path: Path, rel: str, cfg: DataConfig) -> Iterator[dict]:
 
 def _parquet_file(path: Path, cfg: DataConfig):
     """The open parquet file, once it is known to hold the configured columns, text ones of strings."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: 0.3 s of start-up, for the data stage only
 
     try:
         pf = pq.ParquetFile(path)
@@ -123,7 +123,7 @@ def _fingerprint(cfg: DataConfig) -> str:
 
 
 def _load(cfg: DataConfig, ids_only: bool = False) -> datasets.IterableDataset:
-    import datasets
+    import datasets  # datasets: lazily, only when used
 
     files = resolve_files(cfg.data_files, "data.data_files", SUFFIXES)
     features = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})

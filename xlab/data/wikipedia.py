@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from xlab.config import DataConfig
+from xlab.data.config import DataConfig
 from xlab.data.sources import SOURCES, Source, check_text_columns, files_fingerprint, fingerprint, resolve_files
 from xlab.errors import XLabError
 
@@ -46,7 +46,7 @@ def _fingerprint(cfg: DataConfig) -> str:
 
 
 def _load(cfg: DataConfig, ids_only: bool = False) -> datasets.IterableDataset | datasets.Dataset:
-    import datasets
+    import datasets  # datasets: lazily, only when used
     import pyarrow.parquet as pq
 
     columns = _columns(cfg, ids_only)

@@ -14,8 +14,12 @@ from typing import Any
 
 import torch
 
-from xlab.config import ModelConfig, TokenizerConfig
+from xlab.checkpoint.layout import TOKENIZER
+from xlab.checkpoint.read import Checkpoint
+from xlab.data.config import TokenizerConfig
+from xlab.data.tokenizer import load_tokenizer
 from xlab.errors import XLabError, check_writable_dir
+from xlab.models.config import ModelConfig
 from xlab.models.transformer import XLabModel, default_d_ff
 
 # What each transformers family requires of an XLab model config (knob, required value).
@@ -50,7 +54,7 @@ def attn_dropout(cfg: ModelConfig) -> float:
 
 
 def hf_config(model: XLabModel, family: str, special_ids: dict[str, int | None]):
-    import transformers
+    import transformers  # transformers: lazily, only when used
 
     c = model.cfg
     common = dict(vocab_size=model.hparams["vocab_size"], tie_word_embeddings=c.tie_embeddings,
@@ -138,7 +142,7 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], model: XLabModel, family:
 
 def to_hf_model(model: XLabModel, special_ids: dict[str, int | None] | None = None):
     """A transformers model computing exactly what `model` computes (fp32, same weights)."""
-    import transformers
+    import transformers  # transformers: lazily, only when used
 
     family = hf_family(model.cfg)
     config = hf_config(model, family, special_ids or {})
@@ -208,7 +212,7 @@ def load_init(spec: str) -> HFInit:
 
 def load_hf_dir(path: str | Path) -> HFInit:
     """Read a local transformers model directory (config.json, weights, tokenizer.json)."""
-    import transformers
+    import transformers  # transformers: lazily, only when used
 
     d = Path(path).expanduser()
     if not (d / "config.json").is_file():
@@ -232,16 +236,13 @@ def load_hf_dir(path: str | Path) -> HFInit:
     return HFInit(model, d / "tokenizer.json", specials)
 
 
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+def export_hf(ckpt: str | Path | Checkpoint, out: str | Path) -> Path:
     """Checkpoint/export → a transformers model directory that AutoModelForCausalLM/AutoTokenizer load offline."""
-    import transformers
+    import transformers  # transformers: lazily, only when used
 
-    from xlab.checkpoint import TOKENIZER, load_section, load_tokenizer, resolve_checkpoint
-    from xlab.fsio import contained
-
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = Checkpoint.of(ckpt)
     load_tokenizer(ckpt)  # refuse a tokenizer that does not fit the weights before writing anything
-    tok = load_section(ckpt, "tokenizer", TokenizerConfig)
+    tok = ckpt.section("tokenizer", TokenizerConfig)
     model = XLabModel.load_from_checkpoint(ckpt)
     hf_family(model.cfg)  # refuse before writing anything
     check_writable_dir(out, "out")
@@ -249,7 +250,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(contained(ckpt, TOKENIZER)), bos_token=tok.sos_token, eos_token=tok.eos_token,
+        tokenizer_file=str(ckpt.file(TOKENIZER)), bos_token=tok.sos_token, eos_token=tok.eos_token,
         pad_token=tok.pad_token, unk_token=tok.unk_token, model_max_length=model.max_len,
         add_bos_token=True)  # every training document starts with <sos>: tokenizer(text) gives what the model saw
     ids = {"bos": fast.bos_token_id, "eos": fast.eos_token_id, "pad": fast.pad_token_id}

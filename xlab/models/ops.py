@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xlab.precision import cpu_has_fast_bf16
+from xlab.device import cpu_has_fast_bf16
 
 # On a CPU in bf16, SDPA's flash kernel is 1.5-4x slower than plain matmul + softmax up to 1024 tokens of context; in
 # fp32 it is as fast or faster (benchmarks/attention.py). The eager path stores the (T x T) scores, so "auto" takes

@@ -3,13 +3,14 @@
 Read top to bottom: norms, positional schemes, attention, MLPs → Block → XLabModel. Each swappable part is chosen
 by name from a registry, so `model.norm=rmsnorm` in a config maps to one class here, and the presets in
 configs/model/ (GPT-2, Llama, "modern") are just different choices. The model knows nothing of distribution,
-logging or checkpoint formats; those live in xlab/trainer.py, xlab/checkpoint.py and xlab/models/hf.py.
+logging or checkpoint formats; those live in xlab/training/trainer.py, xlab/checkpoint.py and xlab/models/hf.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from xlab.config import ModelConfig
+from xlab.checkpoint.read import Checkpoint
 from xlab.errors import XLabError
+from xlab.models.config import ModelConfig
 from xlab.models.loss import LossSums, head_loss_sums
 from xlab.models.ops import attention_dtype, eager_attention, rms_norm, use_eager_attention
 from xlab.registry import Registry
@@ -322,7 +324,7 @@ class Block(nn.Module):
 
 def check_model_config(cfg: ModelConfig) -> None:
     """Fail at start-up, with one line, on shapes and choices that cannot work (each number's own range is checked
-    by the schema, xlab/config.py)."""
+    by the schema, xlab/schema.py)."""
     if cfg.d_model % cfg.n_head:
         raise XLabError(f"model.n_head={cfg.n_head} must divide model.d_model={cfg.d_model}")
     n_kv = cfg.n_kv_head or cfg.n_head
@@ -465,13 +467,17 @@ class XLabModel(nn.Module):
         return positions, mask | own  # a padding query sees itself: no row of the mask is empty (NaN-free)
 
     @classmethod
-    def load_from_checkpoint(cls, path: str, map_location: str | torch.device | None = None) -> XLabModel:
+    def load_from_checkpoint(cls, path: str | Path | Checkpoint,
+                             map_location: str | torch.device | None = None) -> XLabModel:
         """Build the model from a checkpoint or export directory (config.yaml + model.safetensors)."""
-        from xlab.checkpoint import load_section, load_weights, model_vocab_size, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(path)
-        hparams = asdict(load_section(ckpt, "model", ModelConfig))  # keys it lacks (older checkpoints): defaults
-        model = cls(vocab_size=model_vocab_size(ckpt), **hparams)
+        ckpt = Checkpoint.of(path)
+        hparams = asdict(ckpt.section("model", ModelConfig))  # keys it lacks (older checkpoints): defaults
+        model = cls(vocab_size=ckpt.vocab_rows(), **hparams)
         device = str(map_location) if map_location is not None else "cpu"
-        load_weights(model, ckpt, device)
+        ckpt.weights_into(model, device)
         return model.to(device)
+
+
+# `model.name` in configs/model/*.yaml: the model classes a config can pick.
+MODELS: Registry[type[XLabModel]] = Registry("model")
+MODELS.register("transformer")(XLabModel)

@@ -7,11 +7,46 @@ Loads the checkpoints as xlab.generate does (dtype/compile/cache), then serves t
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
+from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from xlab.cli import hydra_app
+from xlab.checkpoint.read import Checkpoint
+from xlab.cli import hydra_app, typed
+from xlab.device import pick_device
+from xlab.errors import XLabError
+from xlab.generation.api import load_for_decoding
+from xlab.generation.config import CacheKind, InferenceDtype
+from xlab.generation.fast import plan
+from xlab.schema import AT_LEAST_1, Range, Schema, Switch
+from xlab.serve.batcher import Served
+
+
+@dataclass
+class ServeConfig(Schema):
+    """`python -m xlab.serve` (xlab/serve/): a playground page and an OpenAI-compatible completions API over one or
+    two checkpoints, decoded as xlab.generate decodes (dtype/compile/cache: GenerateConfig's keys)."""
+
+    ckpt: str = MISSING
+    ckpt2: str | None = None  # a second checkpoint: the page shows both side by side; the API's model= picks one
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allow_remote: bool = False  # a host other than loopback serves anyone who can reach it: opt in explicitly
+    device: str = "auto"
+    dtype: InferenceDtype = InferenceDtype.auto
+    compile: Switch = Switch.auto
+    cache: CacheKind = CacheKind.auto
+    batch_window_ms: float = 5.0  # how long the worker waits for more requests after the first (xlab/serve/batcher.py)
+    batch_rejoin_ms: float = 50.0  # at most this long more while fewer rows wait than the last batch decoded
+    max_batch_rows: int = 32  # rows decoded together at most
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 1048576  # larger request bodies get 413
+
+    LIMITS = {
+        "port": Range(1, 65535), "batch_window_ms": Range(0, 10000), "batch_rejoin_ms": Range(0, 10000),
+        "max_batch_rows": Range(1, 4096),
+        "max_tokens_limit": AT_LEAST_1, "max_body_bytes": Range(1024),
+    }
 
 LOOPBACK = {"localhost", "::1", "ip6-localhost"}
 
@@ -20,62 +55,40 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
 
 
-def checked(cfg: DictConfig):
-    """The schema's checks (xlab/config.py), the host rule, the checkpoints and the device, before any work."""
-    from xlab.checkpoint import resolve_checkpoint
-    from xlab.decoding import plan
-    from xlab.errors import XLabError
-    from xlab.evaluate import pick_device
-
-    cfg = OmegaConf.to_object(cfg)
+def checked(cfg: ServeConfig) -> list[Checkpoint]:
+    """The host rule, the checkpoints and the device, before any work; the checkpoints, resolved."""
     if not is_loopback(cfg.host) and not cfg.allow_remote:
         raise XLabError(f"host={cfg.host} is not a loopback address: anyone who can reach it could use the server; "
                         "add allow_remote=true to serve it anyway")
-    resolved = [resolve_checkpoint(path) for path in (cfg.ckpt, cfg.ckpt2) if path is not None]
-    if len(resolved) == 2 and resolved[0] == resolved[1]:
+    resolved = [Checkpoint(path) for path in (cfg.ckpt, cfg.ckpt2) if path is not None]
+    if len(resolved) == 2 and resolved[0].path == resolved[1].path:
         raise XLabError("ckpt2 is the same checkpoint as ckpt: give another one, or leave ckpt2 out")
     plan(cfg.dtype, cfg.compile, cfg.cache, pick_device(cfg.device))
-    return cfg
+    return resolved
 
 
 def validate(cfg: DictConfig) -> None:
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        del cfg["hydra"]
-    checked(cfg)
+    checked(typed(cfg))
 
 
-def load(cfg, path: str, device):
-    from xlab.datamodules import XLabDataModule
-    from xlab.generate import load_model
-    from xlab.serve.batcher import Served
-
-    tokenizer = XLabDataModule.load_from_checkpoint(path).tokenizer
-    options = SimpleNamespace(dtype=cfg.dtype, compile=cfg.compile, cache=cfg.cache, draft=None, draft_tokens=4)
-    model, decoding = load_model(options, path, device, tokenizer)
-    return Served(path, model, tokenizer, decoding)
-
-
-def task(cfg: DictConfig) -> None:
-    from xlab.evaluate import pick_device
-
+def task(cfg: ServeConfig) -> None:
     try:
-        from xlab.serve.app import serve
+        from xlab.serve.app import serve  # fastapi and uvicorn: the optional `serve` extra
     except ImportError as exc:
-        from xlab.errors import XLabError
-
         raise XLabError(f"xlab.serve needs the serve extra ({exc.name} is missing): pip install '.[serve]'") from None
-    cfg = checked(cfg)
+    ckpts = checked(cfg)
     if not is_loopback(cfg.host):
         print(f"warning: serving on host={cfg.host} (allow_remote=true): anyone who can reach this address can use "
               "the server; it has no authentication", file=sys.stderr, flush=True)
     device = pick_device(cfg.device)
-    models = {path: load(cfg, path, device) for path in (cfg.ckpt, cfg.ckpt2) if path is not None}
+    models = {}
+    for path, ckpt in zip((cfg.ckpt, cfg.ckpt2), ckpts):
+        loaded = load_for_decoding(ckpt, device, cfg.dtype, cfg.compile, cfg.cache)
+        models[path] = Served(path, loaded.model, loaded.tokenizer, loaded.decoding)
     serve(models, cfg)
 
 
-main = hydra_app("serve", task, validate)
+main = hydra_app("serve", task, ServeConfig, validate)
 
 if __name__ == "__main__":
     main()

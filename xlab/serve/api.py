@@ -17,11 +17,15 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
+from pathlib import Path
 
+from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from xlab.config import SamplerConfig
+from xlab.cli import CONFIG_DIR
 from xlab.errors import XLabError
+from xlab.generation.config import SamplerConfig
+from xlab.generation.sampling import check_beam_length, check_sampler_config
 from xlab.serve.batcher import Row, Served, TokenInfo
 
 MAX_PROMPTS = 64  # prompts in one request
@@ -95,18 +99,12 @@ def from_validation(exc: ValidationError) -> ApiError:
 @cache
 def sampler_defaults(name: str) -> dict:
     """What configs/sampler/<name>.yaml sets, so `sampler=top_k` means what it means to xlab.generate."""
-    from pathlib import Path
 
-    from omegaconf import OmegaConf
-
-    from xlab.cli import CONFIG_DIR
 
     return OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "sampler" / f"{name}.yaml"))
 
 
 def sampler_config(req: CompletionRequest) -> SamplerConfig:
-    from xlab.sampling import check_beam_length, check_sampler_config
-
     name = req.sampler.value if req.sampler else ("greedy" if req.temperature == 0 else "multinomial")
     options = {k: getattr(req, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "num_beams")
                if getattr(req, k) is not None}

@@ -142,7 +142,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(models: dict[str, Served], cfg) -> None:
-    import uvicorn
+    import uvicorn  # the optional `serve` extra
 
     sock = bind(cfg.host, cfg.port)
     batcher = Batcher(models, cfg.batch_window_ms / 1000, cfg.max_batch_rows, cfg.batch_rejoin_ms / 1000)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from xlab.config import SamplerConfig
+from xlab.generation.api import cut_at_stop, generate_ids
+from xlab.generation.config import SamplerConfig
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Served:
     name: str
     model: torch.nn.Module
     tokenizer: object
-    decoding: object  # xlab.decoding.DecodeOptions
+    decoding: object  # xlab.generation.fast.DecodeOptions
 
 
 @dataclass
@@ -161,8 +162,6 @@ class Batcher:
         return batch
 
     def decode(self, batch: list[Row]) -> None:
-        from xlab.inference import generate_ids
-
         served = self.models[batch[0].model]
         with self.lock:
             self.stats["batches"] += 1
@@ -195,8 +194,6 @@ class Batcher:
                 self.finish(row, None if row.cancelled else "length")
 
     def token_callback(self, batch: list[Row], served: Served, steps: StepLog | None) -> Callable[[int, int], None]:
-        from xlab.inference import cut_at_stop
-
         tokenizer = served.tokenizer
 
         def on_token(i: int, token: int) -> None:
@@ -231,8 +228,6 @@ class Batcher:
 
     def finish_beam(self, row: Row, results: list, served: Served) -> None:
         """Beam search yields its sequences at the end: num_return_sequences choices, best first."""
-        from xlab.inference import cut_at_stop
-
         for k, (_, tokens, _) in enumerate(results):
             text, stopped = cut_at_stop(served.tokenizer.decode(tokens), row.stop)
             ended = stopped or (tokens and tokens[-1] == served.tokenizer.eos_id)

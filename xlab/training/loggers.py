@@ -1,5 +1,5 @@
 """Where metrics go: `<run>/metrics.jsonl` always (rank 0), plus Accelerate trackers named in `logger.trackers`
-(configs/logger/*.yaml; the names are Accelerate's, a closed choice of the schema: Tracker in xlab/config.py).
+(configs/logger/*.yaml; the names are Accelerate's, a closed choice of the schema: Tracker in xlab/training/config.py).
 
 W&B (`logger=wandb`, `logger=all`): the trainer passes `tracker_init_kwargs(...)` to `accelerator.init_trackers`
 and stores `tracker_run_ids(accelerator)` in each checkpoint, so a resumed run appends to the same W&B run. Without
@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
 import os
 import secrets
 import string
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from xlab.config import WandbMode
+from accelerate.state import PartialState
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from xlab.errors import XLabError
 from xlab.fsio import publish_file
+from xlab.training.config import WandbMode
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +75,6 @@ def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 # --- W&B ---------------------------------------------------------------------------------------------------------
@@ -87,9 +84,6 @@ def wandb_has_credentials() -> bool:
     """An API key in the environment or a `wandb login` entry in ~/.netrc (what wandb itself would use)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    import netrc
-    from urllib.parse import urlparse
-
     host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
@@ -125,11 +119,6 @@ def _last_two(path: Path) -> str:
 
 def _sweep_dir() -> Path | None:
     """The multirun's sweep dir when this process runs a Hydra sweep job, else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-    except ImportError:
-        return None
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
@@ -137,8 +126,6 @@ def _sweep_dir() -> Path | None:
 
 
 def _is_main_process() -> bool:
-    from accelerate.state import PartialState
-
     return PartialState().is_main_process
 
 

@@ -7,17 +7,26 @@ tokenizer; bits per byte does not, so runs with different tokenizers or vocab si
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 
+from xlab.checkpoint.read import Checkpoint
+from xlab.data.config import Split
+from xlab.data.datamodule import XLabDataModule
+from xlab.device import autocast_for, pick_device, resolve_precision
 from xlab.errors import XLabError
+from xlab.fsio import write_file
+from xlab.models.transformer import XLabModel
+from xlab.schema import AT_LEAST_1, Precision, _check_number, _choose
 
 
 @torch.no_grad()
-def evaluate(
+def score_windows(
     model: torch.nn.Module,
     windows: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
@@ -55,3 +64,29 @@ def evaluate(
 def bits_per_byte(loss_sum: float, nbytes: float) -> float:
     """Summed NLL in nats → bits per byte of the text it scored (NaN when the targets decode to no byte)."""
     return loss_sum / math.log(2) / nbytes if nbytes > 0 else float("nan")
+
+
+def score_checkpoint(ckpt: str | Path | Checkpoint, split: str, batch_size: int = 8, max_batches: int | None = None,
+                     precision: str = "auto", device: str = "auto", cache_dir: str | None = None) -> dict:
+    """Evaluate a checkpoint on a split (every window, or max_batches batches) and write eval_<split>.json beside
+    its weights; the result dict."""
+    # the numbers and choices, checked as the command line's are
+    split = str(_choose(Split, split, "split"))
+    _choose(Precision, precision, "precision")
+    _check_number("batch_size", batch_size, AT_LEAST_1)
+    _check_number("max_batches", max_batches, AT_LEAST_1)
+    ckpt = Checkpoint.of(ckpt)
+    dev = pick_device(device)
+    model = XLabModel.load_from_checkpoint(ckpt, map_location=dev)
+    datamodule = XLabDataModule.load_from_checkpoint(ckpt, cache_dir=cache_dir)
+    windows = datamodule.eval_windows(split, model.max_len, batch_size, max_batches)
+    byte_lengths = torch.as_tensor(datamodule.tokenizer.byte_lengths(), device=dev)
+    autocast = autocast_for(dev, resolve_precision(precision))
+    result = score_windows(model, windows, dev, autocast, byte_lengths=byte_lengths)
+    out = ckpt / f"eval_{split}.json"
+    try:
+        write_file(out, json.dumps(result, indent=2))  # replaces a symlink there instead of writing through it
+    except OSError as exc:
+        raise XLabError(f"cannot write {out}: {exc}") from None
+    return result
+

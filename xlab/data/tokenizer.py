@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from xlab.config import TokenizerConfig
+from xlab.checkpoint.layout import TOKENIZER
+from xlab.checkpoint.read import Checkpoint
+from xlab.data.config import TokenizerConfig
 from xlab.errors import XLabError
 from xlab.registry import Registry
 
@@ -193,3 +195,24 @@ class XLabTokenizer:
     @property
     def eos_id(self) -> int:
         return self[self.eos_token]
+
+
+
+def load_tokenizer(path: str | Path | Checkpoint) -> XLabTokenizer:
+    """A checkpoint's tokenizer, or a one-line error when it cannot be read, lacks the config's special tokens or
+    has ids beyond the weights' embedding rows (a tokenizer.json of another run)."""
+    ckpt = Checkpoint.of(path)
+    file = ckpt.file(TOKENIZER)
+    try:
+        tokenizer = XLabTokenizer.from_file(file, ckpt.section("tokenizer", TokenizerConfig))
+    except XLabError:
+        raise
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for a damaged file
+        raise XLabError(f"cannot read the tokenizer {file}: {str(exc).strip().splitlines()[0]}") from None
+    ids = max(len(tokenizer), 1 + max(tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()))
+    rows = ckpt.vocab_rows()
+    # XLab sizes the embedding to its tokenizer exactly; a transformers model (init_from) may have spare rows.
+    if ids > rows or (not ckpt.config.get("init_from") and ids != rows):
+        raise XLabError(f"{file} has {ids} token ids but the weights in {ckpt} have {rows} embedding rows: the "
+                        "tokenizer is not the one these weights were trained with")
+    return tokenizer

@@ -3,10 +3,10 @@
 How it is organised. Construction builds everything (Accelerator, data, model, optimizer, schedule, checkpointer)
 and resumes. `fit()` is the loop, in one screen: `train_step()` runs `forward_backward()` per micro-batch and then
 `optimizer_step()`; at the last step the loop logs, evaluates and saves through the same code as at the periodic
-steps. Each concern is a small unit of its own: `TrainState` (xlab/train_state.py) holds every counter resume needs
-and is what a checkpoint's state.json holds; `IntervalMetrics` (xlab/train_metrics.py) sums a log interval on the
-device; `NanGuard` and `StopRequest` (xlab/guards.py) are the NaN and stop policies; `Checkpointer`
-(xlab/checkpoint.py) writes checkpoints atomically; evaluation (xlab/evaluation.py) is shared with xlab.evaluate.
+steps. Each concern is a small unit of its own: `TrainState` (state.py) holds every counter resume needs and is what
+a checkpoint's state.json holds; `IntervalMetrics` (interval.py) sums a log interval on the device; `NanGuard` and
+`StopRequest` (guards.py) are the NaN and stop policies; `Checkpointer` (xlab/checkpoint/write.py) writes
+checkpoints atomically; evaluation (xlab/evaluation/windows.py) is shared with xlab.evaluate.
 
 One optimizer step = grad_accum_steps micro-batches of batch_size windows per process. The loss is a sum of
 token losses divided by the step's token count, so accumulation gives exactly the gradient of one big batch.
@@ -19,44 +19,49 @@ import itertools
 import logging
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from xlab import parallel
-from xlab.checkpoint import Checkpointer, load_training_state, newest_checkpoint, resolve_checkpoint
-from xlab.config import OnNan, Strategy, Switch, TrainConfig, TrainerConfig, to_container
+from xlab.checkpoint.layout import newest_checkpoint, resolve_checkpoint
+from xlab.checkpoint.write import Checkpointer
 from xlab.data.datamodule import XLabDataModule
-from xlab.data.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
 from xlab.data.sources import SPLITS, check_data_config
+from xlab.data.tokenizer import check_tokenizer_config
+from xlab.device import autocast_for, keep_freed_memory, resolve_precision  # noqa: F401  (autocast_for: the old import path)
 from xlab.errors import XLabError
-from xlab.evaluation import evaluate
-from xlab.guards import NanGuard, StopRequest
-from xlab.loggers import MetricsFile, check_logger_config, flat_config, tracker_init_kwargs, tracker_run_ids
-from xlab.metrics import mfu, peak_flops
+from xlab.evaluation.tasks.inloop import TaskScorer
+from xlab.evaluation.windows import score_windows
 from xlab.models import MODELS
 from xlab.models.transformer import check_model_config
-from xlab.optimizers import OPTIMIZERS, check_optimizer_config
-from xlab.precision import autocast_for, resolve_precision  # noqa: F401  (autocast_for: the old import path)
-from xlab.rundir import check_run_dir, clear_run_dir
-from xlab.runtime import keep_freed_memory
-from xlab.schedulers import build_scheduler, check_scheduler_config
-from xlab.tasks.inloop import TaskScorer
-from xlab.tokenizer import check_tokenizer_config
-from xlab.train_metrics import IntervalMetrics
-from xlab.train_state import TrainState
+from xlab.schema import Switch, to_container
+from xlab.training import parallel
+from xlab.training.config import OnNan, Strategy, TrainConfig, TrainerConfig
+from xlab.training.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
+from xlab.training.guards import NanGuard, StopRequest
+from xlab.training.interval import IntervalMetrics
+from xlab.training.loggers import MetricsFile, check_logger_config, flat_config, tracker_init_kwargs, tracker_run_ids
+from xlab.training.mfu import mfu, peak_flops
+from xlab.training.optimizers import OPTIMIZERS, check_optimizer_config
+from xlab.training.resume import load_training_state
+from xlab.training.rundir import check_run_dir, clear_run_dir
+from xlab.training.schedulers import build_scheduler, check_scheduler_config
+from xlab.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "train", "evaluate", "check_config", "resume_path"]
+__all__ = ["Trainer", "train", "check_config", "resume_path"]
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Every check that can fail before any work is done, beyond the schema's (closed choices and number ranges,
-    checked when the config's dataclasses are built: xlab/config.py)."""
+    checked when the config's dataclasses are built: xlab/schema.py)."""
     MODELS.get(cfg.model.name)
     check_model_config(cfg.model)
     check_data_config(cfg.data)
@@ -67,7 +72,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_logger_config(cfg.logger)
     parallel.check_strategy_config(cfg)
     if compile_enabled(cfg.trainer):
-        import torch._dynamo
+        import torch._dynamo  # 1.75 s of start-up: only when compiling
 
         if cfg.trainer.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
             raise XLabError(f"trainer.compile_backend={cfg.trainer.compile_backend!r} is not a torch.compile backend; "
@@ -109,7 +114,7 @@ def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
         cfg = OmegaConf.to_object(cfg)
     init = None
     if cfg.init_from is not None:
-        from xlab.models.hf import load_init
+        from xlab.models.hf import load_init  # transformers: only for init_from
 
         init = load_init(cfg.init_from)
         cfg.model, cfg.tokenizer = init.model_config, init.tokenizer
@@ -117,11 +122,6 @@ def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
 
 
 def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
-
     t = cfg.trainer
     trackers = [str(name) for name in cfg.logger.trackers]  # Accelerate's tracker names
     return Accelerator(
@@ -172,8 +172,6 @@ class Trainer:
     """Builds a run from its config and trains it; see the module docstring for how the loop is organised."""
 
     def __init__(self, cfg: TrainConfig | DictConfig, run_dir: str | Path) -> None:
-        from accelerate.utils import set_seed
-
         self.cfg, init = as_train_config(cfg)
         check_config(self.cfg)
         self.t, self.run_dir = self.cfg.trainer, Path(run_dir)
@@ -246,7 +244,7 @@ class Trainer:
         optimizer = OPTIMIZERS.get(self.cfg.optimizer.name)(model, self.cfg.optimizer)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.t.max_steps)
         Checkpointer.register_hooks(self.accelerator)
-        if self.fsdp:  # Accelerate keeps the schedule (and RNGs); model and optimizer are xlab.parallel's
+        if self.fsdp:  # Accelerate keeps the schedule (and RNGs); model and optimizer are xlab.training.parallel's
             self.model, self.optimizer, self.scheduler = model, optimizer, self.accelerator.prepare(scheduler)
         else:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -404,7 +402,7 @@ class Trainer:
         size; and whether this is the best val loss so far."""
         windows = self.datamodule.eval_windows("val", self.seq_len, self.t.batch_size, self.t.eval_batches * self.world)
         mine = itertools.islice(windows, self.accelerator.process_index, None, self.world)  # each rank its share
-        result = evaluate(self.model, mine, self.device, self.accelerator.autocast, self._sum_over_ranks,
+        result = score_windows(self.model, mine, self.device, self.accelerator.autocast, self._sum_over_ranks,
                           self.byte_lengths)
         improved = self.state.observe_val(result["loss"], result["bits_per_byte"])
         record = {"step": self.state.step, "tokens": self.state.tokens, "val/loss": result["loss"],

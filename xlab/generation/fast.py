@@ -1,6 +1,6 @@
 """The fast decoding path: a static KV cache, a compiled one-token step, and the dtype decoding runs in.
 
-The samplers (xlab/sampling.py) feed tokens through a stepper. `Stepper` there grows a dynamic cache; the
+The samplers (xlab/generation/sampling.py) feed tokens through a stepper. `Stepper` there grows a dynamic cache; the
 `StaticStepper` here writes into a StaticKVCache of fixed shape, so every one-token step has the same shapes and
 torch.compile builds it once per (batch, cache size) bucket instead of per prompt length. Prefill (the prompt,
 and the window after the context slides) runs eagerly over the same cache.
@@ -24,7 +24,7 @@ MIN_CACHE = 64  # the smallest cache bucket: short runs share one compiled step
 @dataclass
 class DecodeOptions:
     """How the samplers run the model: static cache or not, compiled step or not, and a draft model for
-    speculative decoding (xlab/speculative.py; greedy and sampling)."""
+    speculative decoding (xlab/generation/speculative.py; greedy and sampling)."""
 
     static: bool = True
     compile: bool = False
@@ -85,7 +85,7 @@ def for_inference(model: XLabModel, dtype: str = "auto") -> XLabModel:
 
 
 def plan(dtype: str, compile: str, cache: str, device: torch.device) -> tuple[str, DecodeOptions]:
-    """generate's dtype/compile/cache keys (xlab/config.py) → the dtype and the options decoding runs with.
+    """generate's dtype/compile/cache keys (xlab/generate.py) → the dtype and the options decoding runs with.
     compile=auto is on for CUDA only: on a CPU the compile takes ~20-30 s, which pays after ~10k tokens."""
     name = resolve_dtype(str(dtype), device)
     compiled = {"on": True, "off": False}.get(str(compile), device.type == "cuda")
@@ -129,7 +129,7 @@ def compiled_step(device: torch.device):
 
 
 class StaticStepper:
-    """Stepper's interface (xlab/sampling.py) over a StaticKVCache sized for `total` tokens; one-token steps
+    """Stepper's interface (xlab/generation/sampling.py) over a StaticKVCache sized for `total` tokens; one-token steps
     run compiled when options.compile is set (falling back to eager, with one warning, if compiling fails)."""
 
     def __init__(self, model: XLabModel, mask: torch.Tensor, total: int, options: DecodeOptions) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xlab.tasks import CLOZE, CONTINUATION, ContinuationSpec, task_items
+from xlab.evaluation.tasks import CLOZE, CONTINUATION, ContinuationSpec, task_items
 
 # What each task reports (the names lm-eval gives them); the value is the fraction of items right.
 METRICS = {CONTINUATION: ("acc", "acc_norm"), CLOZE: ("acc",)}
@@ -37,7 +37,7 @@ class Item:
 
 def continuation_score(logprobs: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
     """(summed log-probability of `target` under `logprobs` (n, V), whether greedy decoding gives it): what lm-eval
-    asks of a loglikelihood request; XLabLM (xlab/harness.py) answers with it too."""
+    asks of a loglikelihood request; XLabLM (xlab/evaluation/harness.py) answers with it too."""
     return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
 
 

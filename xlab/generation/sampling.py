@@ -17,9 +17,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from xlab.config import EarlyStopping, SamplerConfig
-from xlab.decoding import DecodeOptions, StaticStepper
 from xlab.errors import XLabError
+from xlab.generation.config import EarlyStopping, SamplerConfig
+from xlab.generation.fast import DecodeOptions, StaticStepper
 from xlab.models.transformer import KVCache, XLabModel
 from xlab.registry import Registry
 
@@ -38,7 +38,7 @@ EARLY_STOPPING = {EarlyStopping.true: True, EarlyStopping.false: False, EarlySto
 
 
 def check_sampler_config(cfg: SamplerConfig) -> None:
-    """Beyond the schema's checks (each number's range: xlab/config.py)."""
+    """Beyond the schema's checks (each number's range: xlab/schema.py)."""
     SAMPLERS.get(cfg.name)
     problems = [
         (not 1 <= cfg.num_return_sequences <= max(cfg.num_beams, 1) and cfg.name == "beam",
@@ -125,7 +125,7 @@ class Stepper:
 
 def make_stepper(model: XLabModel, mask: torch.Tensor, max_new_tokens: int,
                  decoding: DecodeOptions | None) -> Stepper | StaticStepper:
-    """The static-cache stepper (xlab/decoding.py) unless decoding.static is off; None = the dynamic cache."""
+    """The static-cache stepper (xlab/generation/fast.py) unless decoding.static is off; None = the dynamic cache."""
     if decoding is None or not decoding.static:
         return Stepper(model, mask)
     return StaticStepper(model, mask, mask.shape[1] + max_new_tokens, decoding)

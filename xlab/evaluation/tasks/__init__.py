@@ -8,7 +8,7 @@ Both are made of disjoint windows of held-out documents (the predict split):
   half), the target that word; acc = greedy decoding gives the word exactly, perplexity = of the word.
 Each task definition is a YAML template beside this file (`_<kind>_template_yaml`); `write_local_tasks` writes the
 data as JSONL and a `<task>.yaml` that includes the template and names that file, for
-`lm_eval.tasks.TaskManager(include_path=dir)`. Training scores the same items in the loop (xlab/tasks/inloop.py).
+`lm_eval.tasks.TaskManager(include_path=dir)`. Training scores the same items in the loop (inloop.py).
 Nothing here imports lm-eval: building the files needs only the tokenizer and the token files.
 """
 
@@ -21,12 +21,23 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import yaml
+
 from xlab.errors import XLabError
 from xlab.fsio import write_file
+from xlab.schema import Choice
 
 CONTINUATION = "xlab_continuation"
 CLOZE = "xlab_cloze"
 LOCAL_TASKS = (CONTINUATION, CLOZE)
+
+
+class LocalTask(Choice):
+    """The tasks built from a run's own predict split (this package), which training can score in the loop."""
+
+    xlab_continuation = "xlab_continuation"  # 4-way multiple choice: which continuation is the document's own
+    xlab_cloze = "xlab_cloze"  # the passage's next word (LAMBADA-style)
+
 TEMPLATES = {CONTINUATION: Path(__file__).resolve().with_name("_continuation_template_yaml"),
              CLOZE: Path(__file__).resolve().with_name("_cloze_template_yaml")}
 NUM_CHOICES = 4
@@ -121,8 +132,6 @@ def task_items(datamodule, spec: ContinuationSpec = ContinuationSpec()) -> dict[
 def write_local_tasks(datamodule, out_dir: str | Path, spec: ContinuationSpec = ContinuationSpec()) -> Path:
     """Write each local task's data (JSONL) and task YAML into out_dir from the predict split of `datamodule`;
     returns out_dir, for TaskManager(include_path=...)."""
-    import yaml
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, items in task_items(datamodule, spec).items():

@@ -1,7 +1,6 @@
 """lm-evaluation-harness on an XLab checkpoint, without converting it: `XLabLM` is an lm-eval model.
 
-    from xlab.harness import XLabLM
-    import lm_eval
+    from xlab.evaluation.harness import XLabLM
     lm = XLabLM(model, tokenizer, batch_size=16)
     lm_eval.simple_evaluate(model=lm, tasks=["xlab_continuation"], task_manager=...)
 
@@ -16,16 +15,28 @@ This module imports lm-eval at the top: only `xlab.evaluate` imports it, and onl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator
+from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from xlab.checkpoint.layout import resolve_checkpoint
+from xlab.datamodules import XLabDataModule
 from xlab.errors import XLabError
-from xlab.tasks.inloop import continuation_score
+from xlab.evaluation.tasks import LOCAL_TASKS, ContinuationSpec, local_tasks_dir, write_local_tasks
+from xlab.evaluation.tasks.inloop import continuation_score
+from xlab.fsio import write_file
+from xlab.generation.api import cut_at_stop, generate_ids
+from xlab.generation.config import SamplerConfig
+from xlab.generation.fast import for_inference
+from xlab.models import XLabModel
+from xlab.schema import user_cache_dir
 
 
 class XLabLM(TemplateLM):
@@ -39,8 +50,6 @@ class XLabLM(TemplateLM):
             raise XLabError(f"precision={precision!r} is not valid for XLabLM; valid: fp32, bf16")
         self.model, self.tok, self.batch_size = model.eval(), tokenizer, int(batch_size)
         if precision == "bf16":
-            from xlab.decoding import for_inference
-
             for_inference(self.model, "bf16")
 
     @property
@@ -124,8 +133,6 @@ class XLabLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuation of each context (sampled when a task asks do_sample with a temperature), cut at the
         first of its `until` strings; batched by generation settings, longest context first."""
-        from xlab.inference import cut_at_stop, generate_ids
-
         args = [req.args for req in requests]
         collator = Collator(args, sort_fn=lambda a: (-len(a[0]), a[0]), group_by="gen_kwargs", group_fn=lambda a: a[1])
         results = []
@@ -144,8 +151,6 @@ class XLabLM(TemplateLM):
 
     def _sampler(self, gen_kwargs: dict):
         """SamplerConfig and max new tokens for one group of lm-eval generation settings."""
-        from xlab.config import SamplerConfig
-
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(gen_kwargs.get("max_gen_toks", 256))
@@ -164,8 +169,6 @@ _FULL_INDEX: dict[tuple[str, ...], object] = {}  # lm-eval's full task index tak
 def task_manager(tasks: list[str], paths: list[str]):
     """A TaskManager that knows every name in `tasks`, or a one-line error naming the unknown ones. Only local task
     folders are indexed when they cover the names (fast); lm-eval's own ~15k task index only when they do not."""
-    from lm_eval.tasks import TaskManager
-
     local = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
     if local is not None and all(t in local.all_tasks for t in tasks):
         return local
@@ -181,8 +184,6 @@ def task_manager(tasks: list[str], paths: list[str]):
 
 
 def local_names(paths: list[str]) -> list[str]:
-    from xlab.tasks import LOCAL_TASKS
-
     return sorted({*LOCAL_TASKS, *(p.stem for d in paths for p in Path(d).rglob("*.yaml"))})
 
 
@@ -201,16 +202,12 @@ def check_fetchable(tasks: list[str], manager) -> None:
 
 
 def lm_eval_version() -> str:
-    import lm_eval
-
     return lm_eval.__version__
 
 
 def run_tasks(lm, tasks: list[str], manager, num_fewshot: int = 0, limit: int | None = None,
               log_samples: bool = False) -> dict:
     """lm-eval's simple_evaluate of `lm` on `tasks`; its results dict."""
-    import lm_eval
-
     check_fetchable(tasks, manager)
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                    task_manager=manager, log_samples=log_samples, bootstrap_iters=1000,
@@ -239,14 +236,6 @@ def score_tasks(ckpt: str | Path, tasks: list[str], num_fewshot: int = 0, limit:
                 cache_dir: str | None = None, task_path: str | None = None) -> tuple[dict, Path]:
     """Run lm-eval `tasks` on a checkpoint and write eval_tasks.json beside its weights; (lm-eval's results, path).
     The local tasks (xlab/tasks) are built from the checkpoint's own predict split into the data cache."""
-    import json
-
-    from xlab.checkpoint import resolve_checkpoint
-    from xlab.config import user_cache_dir
-    from xlab.datamodules import XLabDataModule
-    from xlab.fsio import write_file
-    from xlab.models import XLabModel
-    from xlab.tasks import LOCAL_TASKS, ContinuationSpec, local_tasks_dir, write_local_tasks
 
     ckpt = resolve_checkpoint(ckpt)
     if task_path is not None and not Path(task_path).expanduser().is_dir():

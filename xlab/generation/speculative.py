@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import torch
 
-from xlab.config import SamplerConfig
-from xlab.decoding import DecodeOptions, cache_size
 from xlab.errors import XLabError
+from xlab.generation.config import SamplerConfig
+from xlab.generation.fast import DecodeOptions, cache_size
+from xlab.generation.sampling import Sequence, decode_tokens, process
 from xlab.models.transformer import StaticKVCache, XLabModel
-from xlab.sampling import Sequence, decode_tokens, process
 
 
 def refuse_beam(sampler: str) -> None:
@@ -126,7 +126,7 @@ def speculative_decode(
     is_done: Callable[[int, list[int]], bool] | None = None, on_token: Callable[[int, int], None] | None = None,
     decoding: DecodeOptions | None = None,
 ) -> list[Sequence]:
-    """decode_tokens' interface (xlab/sampling.py), with decoding.draft proposing decoding.draft_tokens tokens per
+    """decode_tokens' interface (sampling.py), with decoding.draft proposing decoding.draft_tokens tokens per
     target forward. A row that reaches the end of the cache finishes with plain decoding (its sliding window)."""
     refuse_beam(cfg.name)
     check_draft(model, decoding.draft)
@@ -151,7 +151,7 @@ def decode_row(state: Row, max_new_tokens: int, done: Callable[[list[int]], bool
     out: list[int] = []
     while len(out) < max_new_tokens:
         # near a full context, plain decoding takes over while the padded row still fits, so its sliding window
-        # moves at the same lengths as the batched samplers' (xlab/sampling.py)
+        # moves at the same lengths as the batched samplers' (xlab/generation/sampling.py)
         if state.padding.shape[1] + state.seq.shape[1] + state.k + 1 > state.size:
             return out + finish(state, out, max_new_tokens - len(out), done, on_token)
         new = state.round(min(state.k, max_new_tokens - len(out) - 1))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from xlab.config import OnNan
+from xlab.training.config import OnNan
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from xlab.config import SchedulerConfig
 from xlab.registry import Registry
+from xlab.training.config import SchedulerConfig
 
 Multiplier = Callable[[int], float]
 SCHEDULERS: Registry[Callable[[SchedulerConfig, int], Multiplier]] = Registry("scheduler")
@@ -52,7 +52,7 @@ def warmup_stable_decay(cfg: SchedulerConfig, max_steps: int) -> Multiplier:
 
 
 def check_scheduler_config(cfg: SchedulerConfig) -> None:
-    """The name (its numbers are checked by the schema, xlab/config.py)."""
+    """The name (its numbers are checked by the schema, xlab/schema.py)."""
     SCHEDULERS.get(cfg.name)
 
 

@@ -7,10 +7,15 @@ fraction of them (model FLOPs utilisation, MFU), so the estimate is printed at p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any
 
-from xlab.metrics import device_peak
+import numpy as np
+import torch
+
+from xlab.models import MODELS
+from xlab.training.mfu import device_peak
 
 ASSUMED_MFU = 0.4  # what a well-tuned single-GPU GPT-2-small run reaches; measure yours from tok_per_s
 REFERENCE = ("H100", "A100")
@@ -18,9 +23,6 @@ REFERENCE = ("H100", "A100")
 
 def model_flops_per_token(model_cfg: Any, vocab_size: int) -> tuple[float, int]:
     """(training FLOPs per token, parameters) of the configured model, built without allocating its weights."""
-    import torch
-
-    from xlab.models import MODELS
 
     with torch.device("meta"):
         model = MODELS.get(model_cfg.name)(vocab_size=vocab_size, **asdict(model_cfg))
@@ -61,9 +63,7 @@ def warn_many_epochs(max_steps: int, tokens_per_step: int, train_tokens: int) ->
     numbers and the remedies when they are more than MANY_EPOCHS."""
     epochs = max_steps * tokens_per_step / max(train_tokens, 1)
     if epochs > MANY_EPOCHS:
-        import logging
-
-        logging.getLogger("xlab.trainer").warning(
+        logging.getLogger("xlab.training.trainer").warning(
             "this run makes %.1f epochs over the train split (%d steps x %d tokens / %d train tokens): past ~%g the "
             "model memorises it. Use fewer trainer.max_steps or a smaller model, more data, or "
             "trainer.early_stop_patience; checkpoints/best keeps the lowest-val-loss weights", epochs, max_steps,
@@ -73,8 +73,6 @@ def warn_many_epochs(max_steps: int, tokens_per_step: int, train_tokens: int) ->
 
 def bytes_per_token(tokens: Any, byte_lengths: Any) -> float:
     """Mean UTF-8 bytes per token of a split (its first BYTES_SAMPLE tokens), by the tokenizer's byte table."""
-    import numpy as np
-
     counts, seen = np.zeros(len(byte_lengths), dtype=np.int64), 0
     for shard in getattr(tokens, "arrays", [tokens]):  # TokenShards: its memmaps, read in place
         part = np.asarray(shard[: BYTES_SAMPLE - seen])

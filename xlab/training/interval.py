@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from xlab.evaluation import bits_per_byte
+from xlab.evaluation.windows import bits_per_byte
 
 
 class IntervalMetrics:

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from xlab.config import OptimizerConfig
 from xlab.errors import XLabError
 from xlab.registry import Registry
+from xlab.training.config import OptimizerConfig
 
 OPTIMIZERS: Registry[Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -33,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Paramete
 
 
 def check_optimizer_config(cfg: OptimizerConfig) -> None:
-    """Beyond the schema's checks (number ranges: xlab/config.py)."""
+    """Beyond the schema's checks (number ranges: xlab/schema.py)."""
     OPTIMIZERS.get(cfg.name)
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         raise XLabError(f"optimizer.betas={list(cfg.betas)} must be two numbers in [0, 1)")

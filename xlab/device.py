@@ -1,0 +1,110 @@
+"""The device a command runs on and what it computes in there: one `precision=auto` rule for training, evaluation,
+decoding and serving, the autocast context that runs it, and process settings that make CPU work faster.
+
+keep_freed_memory: Process-level settings that make CPU training faster.
+
+glibc's malloc serves every allocation above ~32 MB with a fresh mmap and hands freed heap memory back to the OS,
+so each training step page-faults its activations in again: on a 2-core CPU that was ~20% of a bf16 step
+(benchmarks/train_throughput.py, BENCHMARKS.md). Keeping freed memory in the heap for reuse removes that; the cost
+is that the process keeps its peak resident size. This is what jemalloc/tcmalloc, which Intel's PyTorch guides
+recommend preloading, achieve, without preloading anything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+
+from xlab.errors import XLabError
+from xlab.schema import Precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: Precision | str) -> str:
+    """Config precision → Accelerate's mixed_precision ("no", "bf16", "fp16")."""
+    p = Precision(precision)
+    if p is Precision.auto:
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p.value]
+
+
+def autocast_for(device: torch.device, mixed_precision: str) -> Callable[[], AbstractContextManager]:
+    if mixed_precision == "no":
+        return nullcontext
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+def pick_device(name: str):
+    """The torch device `device=` names (auto: cuda when there is one, else cpu), or one line saying why it cannot
+    be used here."""
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):  # torch's own message lists every backend it was built to know
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise XLabError(f"device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise XLabError(f"device={name!r}: there is no CUDA device here (torch.cuda.is_available() is False); "
+                        "use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise XLabError(f"device={name!r}: there are only {torch.cuda.device_count()} CUDA devices here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise XLabError(f"device={name!r}: MPS is not available here; use device=cpu or device=auto")
+    return dev
+
+def task_precision(precision: str, device: torch.device | None = None) -> str:
+    """Precision of harness scoring: auto is bf16 where the hardware runs it fast (training's rule: CUDA with bf16,
+    CPUs with AMX/AVX512-BF16), else fp32; fp16 is refused (lm-eval's log-likelihoods overflow it)."""
+
+    if precision == "auto":
+        if device is not None and device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device is not None and device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if precision in ("fp32", "bf16"):
+        return precision
+    raise XLabError(f"precision={precision!r} is not supported with tasks=; valid: auto (bf16 where fast, else "
+                    "fp32), fp32, bf16")
+
+
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to serve all allocations from its heap and never trim it. True when applied (Linux with glibc);
+    a no-op elsewhere. Idempotent."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _done = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return _done
