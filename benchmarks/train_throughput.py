@@ -241,7 +241,7 @@ def main() -> None:
 
 def mfu_of(model: XLabModel, device: str, precision: str, tokens: int):
     """step seconds -> "MFU %" against the device's peak (training/mfu.py's table; "-" where none is known: CPUs)."""
-    peak = peak_flops(torch.device(device), "bf16" if precision == "bf16" else "no")
+    peak = peak_flops(torch.device(device), "bf16" if precision == "bf16" else "fp32")
     return lambda seconds: f"{100 * mfu(model.flops_per_token(), tokens / seconds, peak):.1f}%" if peak else "-"
 
 

@@ -9,6 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+
+from xlab.data.config import DataConfig
+from xlab.data.sources import SOURCES, column, document_batches, split_indices
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -79,3 +84,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, offline_env: Path) -> Pat
         "trainer.eval_tasks=[xlab_continuation]", "trainer.eval_tasks_limit=16", f"hydra.run.dir={run_dir}",
     )
     return run_dir
+
+
+def split_ids(data: DataConfig) -> dict[str, list[str]]:
+    """The document ids of each split (kept in memory: for tests, not for a full corpus)."""
+    ds = SOURCES.get(data.name).load(data, True)
+    ids = [i for table in document_batches(ds, data.max_documents) for i in column(table, "id")]
+    splits = split_indices(ids, data.split_fractions, data.split_seed)
+    return {name: [ids[i] for i in idx] for name, idx in splits.items()}
+
+
+def lm_loss_sums(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, cross-entropy), each summed over tokens, from materialised logits: the reference that
+    head_loss_sums must equal. The objective adds z_loss · logsumexp(logits)², which keeps the softmax normaliser
+    near 1 (PaLM) so logits do not drift in bf16."""
+    flat = logits.flatten(0, 1).float()
+    ce = F.cross_entropy(flat, targets.flatten(), reduction="sum")
+    if z_loss == 0:
+        return ce, ce
+    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().sum(), ce

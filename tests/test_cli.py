@@ -57,7 +57,8 @@ def test_evaluate_generate_export(tiny_run: Path, tmp_path: Path):
     out = run_cli("evaluate", f"ckpt={ckpt}", "split=val").stdout
     assert "loss" in out and "accuracy (%)" in out and "perplexity" in out and "bits per byte" in out
     result = json.loads((ckpt / "eval_val.json").read_text())
-    assert set(result) == {"loss", "accuracy", "perplexity", "tokens", "bits_per_byte", "bytes"}
+    assert set(result) == {"loss", "accuracy", "perplexity", "tokens", "bits_per_byte", "bytes", "precision"}
+    assert result["precision"] in ("fp32", "bf16")  # auto resolved (xlab.device.auto_precision)
     assert 0 < result["loss"] < 20 and result["tokens"] > 0
     assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-6)
 
@@ -151,14 +152,20 @@ def test_generate_samplers_prompts_file_and_jsonl(tiny_run: Path, tmp_path: Path
 
 
 def test_generate_says_which_decoding_path_it_takes(tiny_run: Path):
-    """The CPU default is fp32 with the dynamic cache, eager; the static cache gives the same greedy text, and int8
-    weights with the compiled step run (their agreement with fp32: tests/test_decoding.py)."""
+    """The CPU default is the one precision rule's dtype (bf16 on CPUs with AMX/AVX512-BF16, else fp32) with the
+    dynamic cache, eager; the static cache gives the same greedy text, and int8 weights with the compiled step run
+    (their agreement with fp32: tests/test_decoding.py)."""
+    import torch
+
+    from xlab.device import auto_precision
+
+    dtype = auto_precision(torch.device("cpu"))
     ckpt = tiny_run / "checkpoints" / "last"
     args = [f"ckpt={ckpt}", "prompt=The list", "sampler=greedy", "max_new_tokens=12", "output=jsonl"]
     default = run_cli("generate", *args)
-    assert "decoding: fp32 on cpu, dynamic KV cache, eager steps" in default.stderr
+    assert f"decoding: {dtype} on cpu, dynamic KV cache, eager steps" in default.stderr
     static = run_cli("generate", *args, "cache=static")
-    assert "decoding: fp32 on cpu, static KV cache, eager steps" in static.stderr
+    assert f"decoding: {dtype} on cpu, static KV cache, eager steps" in static.stderr
     assert static.stdout == default.stdout
     fast = run_cli("generate", *args, "dtype=int8", "compile=on")
     assert "decoding: int8 on cpu, static KV cache, compiled one-token step" in fast.stderr

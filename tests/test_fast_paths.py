@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_loss_sums
 
 from xlab.errors import XLabError
 from xlab.models import XLabModel
 from xlab.models import loss as loss_module
-from xlab.models.loss import head_loss_sums, lm_loss_sums
+from xlab.models.loss import head_loss_sums
 from xlab.models.ops import eager_attention, rms_norm
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lm_loss_sums
 from torch import nn
 
 from xlab.errors import XLabError
 from xlab.models import XLabModel
 from xlab.models.config import ModelConfig
-from xlab.models.loss import lm_loss_sums
 from xlab.models.transformer import RotaryPositions, default_d_ff
 
 BASE = dict(n_layer=2, n_head=4, d_model=32, max_len=16)

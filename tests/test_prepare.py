@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, run_cli, split_ids
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -21,7 +21,7 @@ from xlab.cli import CONFIG_DIR, register_schema
 from xlab.data.datamodule import RandomWindows, XLabDataModule, eval_windows
 from xlab.data.prepare import prepare_data
 from xlab.data.shards import SplitWriter, TokenShards
-from xlab.data.sources import SOURCES, document_batches, split_ids
+from xlab.data.sources import SOURCES, document_batches
 from xlab.data.synthetic import ArticleWriter, write_wikipedia_parquet
 from xlab.errors import XLabError
 from xlab.training.config import TrainConfig

@@ -54,8 +54,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     shutil.copytree(FIXTURE, second)
     port, log = free_port(), tmp / "server.log"
     with log.open("w") as out:
+        # fp32: these tests compare the server with one-at-a-time decoding exactly; what dtype=auto picks is
+        # tests/test_precision.py's
         proc = subprocess.Popen([sys.executable, "-m", "xlab.serve", f"ckpt={FIXTURE}", f"ckpt2={second}",
-                                 f"port={port}"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                                 f"port={port}", "dtype=fp32"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

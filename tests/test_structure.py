@@ -177,3 +177,17 @@ def test_function_level_imports_are_few_and_each_says_why():
     assert len(found) <= 60, len(found)
     unexplained = [f"{name}:{line}" for name, line, group in found if not any("#" in text for text in group)]
     assert not unexplained, unexplained
+
+
+def test_the_public_api_is_one_object_under_each_of_its_names():
+    """`from xlab import ...` and the README's paths (xlab.models, xlab.datamodules, xlab.inference) agree."""
+    import xlab
+    from xlab import inference
+    from xlab.datamodules import XLabDataModule
+    from xlab.generation import api
+    from xlab.models import MODELS, XLabModel
+
+    assert xlab.XLabModel is XLabModel is MODELS.get("transformer")
+    assert xlab.XLabDataModule is XLabDataModule
+    assert (inference.generate, inference.sample, inference.load_for_decoding) == \
+        (api.generate, api.sample, api.load_for_decoding)

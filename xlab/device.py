@@ -1,12 +1,11 @@
 """The device a command runs on and what it computes in there: one `precision=auto` rule for training, evaluation,
-decoding and serving, the autocast context that runs it, and process settings that make CPU work faster.
+decoding and serving (auto_precision), the autocast context that runs it, and process settings that make CPU work
+faster.
 
-keep_freed_memory: Process-level settings that make CPU training faster.
-
-glibc's malloc serves every allocation above ~32 MB with a fresh mmap and hands freed heap memory back to the OS,
-so each training step page-faults its activations in again: on a 2-core CPU that was ~20% of a bf16 step
-(benchmarks/train_throughput.py, BENCHMARKS.md). Keeping freed memory in the heap for reuse removes that; the cost
-is that the process keeps its peak resident size. This is what jemalloc/tcmalloc, which Intel's PyTorch guides
+keep_freed_memory: glibc's malloc serves every allocation above ~32 MB with a fresh mmap and hands freed heap memory
+back to the OS, so each training step page-faults its activations in again: on a 2-core CPU that was ~20% of a bf16
+step (benchmarks/train_throughput.py, BENCHMARKS.md). Keeping freed memory in the heap for reuse removes that; the
+cost is that the process keeps its peak resident size. This is what jemalloc/tcmalloc, which Intel's PyTorch guides
 recommend preloading, achieve, without preloading anything.
 """
 
@@ -26,6 +25,8 @@ from xlab.schema import Precision
 
 
 def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AMX or AVX512-BF16): there bf16 runs about twice as fast
+    as fp32; on AVX2-only CPUs far slower (BENCHMARKS.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -33,28 +34,42 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: Precision | str) -> str:
-    """Config precision → Accelerate's mixed_precision ("no", "bf16", "fp16")."""
+def auto_precision(device: torch.device) -> Precision:
+    """The one meaning of `precision=auto` (and decoding's `dtype=auto`), for training, evaluation, generation and
+    serving alike: bf16 where the device computes it fast (CUDA GPUs with bf16; CPUs with AMX or AVX512-BF16, where
+    batch-1 decoding is faster in bf16 too: BENCHMARKS.md, decoding), fp16 on CUDA GPUs without bf16, else fp32."""
+    if device.type == "cuda":
+        return Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return Precision.bf16
+    return Precision.fp32
+
+
+def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:
+    """A configured precision on `device`: auto resolved by auto_precision, any other value as it is."""
     p = Precision(precision)
-    if p is Precision.auto:
-        if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p.value]
+    return auto_precision(device) if p is Precision.auto else p
 
 
-def autocast_for(device: torch.device, mixed_precision: str) -> Callable[[], AbstractContextManager]:
-    if mixed_precision == "no":
+def accelerate_precision(precision: Precision) -> str:
+    """A resolved precision as Accelerate's `mixed_precision` names it."""
+    return {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}[precision]
+
+
+def autocast_for(device: torch.device, precision: Precision) -> Callable[[], AbstractContextManager]:
+    """The autocast context a resolved precision runs in (none for fp32)."""
+    if precision is Precision.fp32:
         return nullcontext
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
-def pick_device(name: str):
+
+def pick_device(name: str) -> torch.device:
     """The torch device `device=` names (auto: cuda when there is one, else cpu), or one line saying why it cannot
     be used here."""
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -72,21 +87,18 @@ def pick_device(name: str):
         raise XLabError(f"device={name!r}: MPS is not available here; use device=cpu or device=auto")
     return dev
 
-def task_precision(precision: str, device: torch.device | None = None) -> str:
-    """Precision of harness scoring: auto is bf16 where the hardware runs it fast (training's rule: CUDA with bf16,
-    CPUs with AMX/AVX512-BF16), else fp32; fp16 is refused (lm-eval's log-likelihoods overflow it)."""
 
-    if precision == "auto":
-        if device is not None and device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device is not None and device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
-    if precision in ("fp32", "bf16"):
-        return precision
-    raise XLabError(f"precision={precision!r} is not supported with tasks=; valid: auto (bf16 where fast, else "
-                    "fp32), fp32, bf16")
+def task_precision(precision: Precision | str, device: torch.device) -> Precision:
+    """Precision of harness scoring: the one rule, except that fp16 is refused (lm-eval's log-likelihoods overflow
+    it), so auto on a GPU without bf16 scores in fp32."""
+    if Precision(precision) is Precision.fp16:
+        raise XLabError(f"precision={str(precision)!r} is not supported with tasks=; valid: auto (bf16 where fast, "
+                        "else fp32), fp32, bf16")
+    p = resolve_precision(precision, device)
+    return Precision.fp32 if p is Precision.fp16 else p
 
 
-
+# --- process settings --------------------------------------------------------------------------------------------
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _done = False

@@ -53,8 +53,9 @@ class GenerateConfig(Schema):
     prompt_tokens: int = 32
     out: str | None = None  # prompts_from output prefix; None = <checkpoint dir>/samples_<split>.{jsonl,md}
     dtype: InferenceDtype = InferenceDtype.auto
-    compile: Switch = Switch.auto  # torch.compile the one-token step; auto = on GPUs (CUDA graphs), off on CPUs,
-    # where the compile (~20-30 s) pays back only after ~10k tokens (BENCHMARKS.md)
+    # torch.compile the one-token step; auto = on GPUs (CUDA graphs), off on CPUs, where the compile pays back only
+    # after many thousand tokens (BENCHMARKS.md, decoding)
+    compile: Switch = Switch.auto
     cache: CacheKind = CacheKind.auto
     draft: str | None = None  # speculative decoding: a smaller checkpoint with the same tokenizer (greedy, sampling)
     draft_tokens: int = 4  # tokens the draft proposes per target forward

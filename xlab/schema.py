@@ -56,7 +56,9 @@ class Choice(str, Enum):
 
 
 class Precision(Choice):
-    auto = "auto"  # bf16 where the hardware runs it fast (recent GPUs, CPUs with AMX/AVX512-BF16), else fp32
+    # bf16 where the hardware runs it fast (GPUs with bf16, CPUs with AMX/AVX512-BF16), fp16 on GPUs without bf16,
+    # else fp32: xlab.device.auto_precision, for every command
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"

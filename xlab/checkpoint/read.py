@@ -24,12 +24,9 @@ class Checkpoint(PathLike):
     `Checkpoint.of(x)` passes a Checkpoint through and opens a path; str(), `/` and os.fspath give the real path,
     so a Checkpoint goes wherever a path does."""
 
-    resolutions = 0  # how many directories were resolved in this process (tests count them)
-
     def __init__(self, path: str | Path) -> None:
         self.path: Path = resolve_checkpoint(path)
         self._config: dict[str, Any] | None = None
-        Checkpoint.resolutions += 1
 
     @classmethod
     def of(cls, path: str | Path | Checkpoint) -> Checkpoint:

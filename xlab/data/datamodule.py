@@ -148,8 +148,8 @@ class XLabDataModule:
     ) -> XLabDataModule:
         """The data module of a checkpoint or export: its tokenizer.json, and its data config for the token files
         (rebuilt with that tokenizer if this machine's cache lacks them). `map_location` is accepted for the
-        seed's signature; data lives on the host. The tokenizer is loaded now: one that does not fit the weights is
-        refused here, not as an IndexError mid-run."""
+        original API's signature; data lives on the host. The tokenizer is loaded now: one that does not fit the
+        weights is refused here, not as an IndexError mid-run."""
         ckpt = Checkpoint.of(path)
         data, tokenizer = ckpt.section("data", DataConfig), ckpt.section("tokenizer", TokenizerConfig)
         module = cls(data, tokenizer, cache_dir, ckpt.file(TOKENIZER))

@@ -127,10 +127,6 @@ class TokenShards:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    @property
-    def num_shards(self) -> int:
-        return len(self.arrays)
-
     def __getitem__(self, idx: Any) -> np.ndarray:
         if isinstance(idx, slice):
             idx = np.arange(*idx.indices(len(self)))

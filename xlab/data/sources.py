@@ -138,14 +138,6 @@ def check_data_config(data: DataConfig) -> None:
     check_split_fractions(data.split_fractions)  # the other numbers: by the schema (xlab/schema.py)
 
 
-def split_ids(data: DataConfig) -> dict[str, list[str]]:
-    """The document ids of each split (kept in memory: for inspection and tests, not for a full corpus)."""
-    ds = SOURCES.get(data.name).load(data, True)
-    ids = [i for table in document_batches(ds, data.max_documents) for i in column(table, "id")]
-    splits = split_indices(ids, data.split_fractions, data.split_seed)
-    return {name: [ids[i] for i in idx] for name, idx in splits.items()}
-
-
 # ---- helpers for sources that read local files -----------------------------------------------------------------
 
 

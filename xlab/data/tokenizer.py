@@ -147,7 +147,7 @@ def piece_bytes(piece: str) -> int:
 
 
 class XLabTokenizer:
-    """encode/decode plus the seed's lookups: `tok[tok.sos_token] -> id`, `len(tok)`."""
+    """encode/decode plus the original API's lookups: `tok[tok.sos_token] -> id`, `len(tok)`."""
 
     def __init__(self, tokenizer: Tokenizer, sos_token: str, eos_token: str, pad_token: str, unk_token: str) -> None:
         self.tokenizer = tokenizer

@@ -26,16 +26,15 @@ from lm_eval.models.utils import Collator
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from xlab.checkpoint.layout import resolve_checkpoint
-from xlab.datamodules import XLabDataModule
+from xlab.checkpoint.read import Checkpoint
+from xlab.data.datamodule import XLabDataModule
 from xlab.errors import XLabError
 from xlab.evaluation.tasks import LOCAL_TASKS, ContinuationSpec, local_tasks_dir, write_local_tasks
 from xlab.evaluation.tasks.inloop import continuation_score
 from xlab.fsio import write_file
-from xlab.generation.api import cut_at_stop, generate_ids
+from xlab.generation.api import cut_at_stop, generate_ids, load_for_decoding
 from xlab.generation.config import SamplerConfig
 from xlab.generation.fast import for_inference
-from xlab.models import XLabModel
 from xlab.schema import user_cache_dir
 
 
@@ -231,16 +230,17 @@ def result_rows(results: dict, limit: int | None) -> list[dict]:
     return rows
 
 
-def score_tasks(ckpt: str | Path, tasks: list[str], num_fewshot: int = 0, limit: int | None = None,
+def score_tasks(ckpt: str | Path | Checkpoint, tasks: list[str], num_fewshot: int = 0, limit: int | None = None,
                 batch_size: int = 8, precision: str = "fp32", device: str | torch.device = "cpu",
                 cache_dir: str | None = None, task_path: str | None = None) -> tuple[dict, Path]:
     """Run lm-eval `tasks` on a checkpoint and write eval_tasks.json beside its weights; (lm-eval's results, path).
-    The local tasks (xlab/tasks) are built from the checkpoint's own predict split into the data cache."""
+    The local tasks (tasks/) are built from the checkpoint's own predict split into the data cache."""
 
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = Checkpoint.of(ckpt)
     if task_path is not None and not Path(task_path).expanduser().is_dir():
         raise XLabError(f"task_path={task_path!r} is not a directory (of lm-eval task YAML files)")
-    model = XLabModel.load_from_checkpoint(ckpt, map_location=torch.device(device))
+    # loaded as generate and serve load a checkpoint; XLabLM casts to `precision` itself
+    model = load_for_decoding(ckpt, torch.device(device), "fp32", compile="off", announce=False).model
     datamodule = XLabDataModule.load_from_checkpoint(ckpt, cache_dir=cache_dir)
     paths = [str(Path(task_path).expanduser().resolve())] if task_path else []
     if any(t in LOCAL_TASKS for t in tasks):

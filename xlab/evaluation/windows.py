@@ -81,8 +81,9 @@ def score_checkpoint(ckpt: str | Path | Checkpoint, split: str, batch_size: int 
     datamodule = XLabDataModule.load_from_checkpoint(ckpt, cache_dir=cache_dir)
     windows = datamodule.eval_windows(split, model.max_len, batch_size, max_batches)
     byte_lengths = torch.as_tensor(datamodule.tokenizer.byte_lengths(), device=dev)
-    autocast = autocast_for(dev, resolve_precision(precision))
-    result = score_windows(model, windows, dev, autocast, byte_lengths=byte_lengths)
+    resolved = resolve_precision(precision, dev)
+    result = score_windows(model, windows, dev, autocast_for(dev, resolved), byte_lengths=byte_lengths)
+    result["precision"] = str(resolved)
     out = ckpt / f"eval_{split}.json"
     try:
         write_file(out, json.dumps(result, indent=2))  # replaces a symlink there instead of writing through it

@@ -45,9 +45,9 @@ def sample(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """The seed's API: sample up to `output_length` new tokens after the 1-D prompt `inputs` (multinomial with
-    temperature; 0 = greedy), stopping at `eos_class` (not returned). The model sees at most the last `block_size`
-    tokens. Returns the new token ids."""
+    """The original nanoGPT-style API: sample up to `output_length` new tokens after the 1-D prompt `inputs`
+    (multinomial with temperature; 0 = greedy), stopping at `eos_class` (not returned). The model sees at most the
+    last `block_size` tokens. Returns the new token ids."""
     if inputs.dim() != 1 or inputs.numel() == 0:
         raise XLabError("inputs must be a non-empty 1-D tensor of token ids")
     if output_length < 0:

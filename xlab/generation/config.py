@@ -25,7 +25,7 @@ class EarlyStopping(Choice):
 class InferenceDtype(Choice):
     """What decoding computes in (xlab/generation/fast.py)."""
 
-    auto = "auto"  # bf16 on GPUs (fp16 without bf16); fp32 on CPUs, where a one-row bf16 matmul is slower than fp32
+    auto = "auto"  # training's precision=auto rule (xlab.device.auto_precision)
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from xlab.device import auto_precision
 from xlab.errors import XLabError
 from xlab.models.transformer import StaticKVCache, XLabModel
 
@@ -37,13 +38,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """dtype=auto|fp32|bf16|fp16|int8 → the one decoding runs in. auto = bf16 on GPUs that have it; fp32 on a CPU,
-    where a one-row bf16 matmul is slower than fp32 even with AMX (benchmarks/generate.py)."""
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """dtype=auto|fp32|bf16|fp16|int8 → the one decoding runs in; auto is training's rule (xlab.device)."""
+    return str(auto_precision(device)) if dtype == "auto" else dtype
 
 
 class Int8Linear(nn.Module):

@@ -53,9 +53,9 @@ class ModelConfig(Schema):
     qk_norm: bool = False  # normalise queries and keys per head before attention (and before RoPE)
     bias: bool = False  # biases in linear layers and LayerNorm
     dropout: float = 0.0  # embedding, residual and (unless attn_dropout says otherwise) attention dropout
-    # attention-probability dropout; None = dropout. On a CPU it costs about twice what residual dropout does (it
-    # draws B x H x T x T numbers per layer), but it regularises: at equal time on small data, residual-only dropout
-    # scored worse than both together (BENCHMARKS.md)
+    # attention-probability dropout; None = dropout. On a CPU it costs more than residual dropout (it draws
+    # B x H x T x T numbers per layer), but at equal time on small data residual-only dropout scored worse than both
+    # (BENCHMARKS.md, recipes)
     attn_dropout: float | None = None
     tie_embeddings: bool = False
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)

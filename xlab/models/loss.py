@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 25}  # logits per chunk: ~16 MB fp32 on CPU (in L3), 128 MB else
 
@@ -26,19 +25,6 @@ class LossSums(NamedTuple):
     objective: torch.Tensor
     ce: torch.Tensor
     correct: torch.Tensor
-
-
-def lm_loss_sums(
-    logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(objective, cross-entropy), each summed over tokens, from materialised logits: the reference that
-    head_loss_sums must equal. The objective adds z_loss · logsumexp(logits)², which keeps the softmax normaliser
-    near 1 (PaLM) so logits do not drift in bf16."""
-    flat = logits.flatten(0, 1).float()
-    ce = F.cross_entropy(flat, targets.flatten(), reduction="sum")
-    if z_loss == 0:
-        return ce, ce
-    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().sum(), ce
 
 
 def head_loss_sums(

@@ -16,8 +16,9 @@ from xlab.device import cpu_has_fast_bf16
 EAGER_MAX_LEN = 512
 
 
-# Read once: a dynamo-traced forward sees a constant. Without AMX/AVX512-BF16 (AVX2 only) a bf16 matmul runs ~40x
-# slower than fp32 on a CPU (BENCHMARKS.md, decoding on the AMD VM).
+# Read once: a dynamo-traced forward sees a constant. Without AMX/AVX512-BF16 (AVX2 only) a CPU's bf16 matmuls are
+# far slower than fp32 (BENCHMARKS.md, decoding on the AVX2 VM). This picks kernels for a model already in bf16
+# (dtype=bf16 chosen explicitly); which precision `auto` picks is xlab.device.auto_precision's rule.
 CPU_BF16_IS_SLOW = not cpu_has_fast_bf16()
 
 

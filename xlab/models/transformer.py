@@ -1,9 +1,11 @@
-"""A decoder-only transformer language model, GPT-2 style by default, in plain PyTorch.
+"""A decoder-only transformer language model in plain PyTorch: a Llama-style block by default (RoPE, RMSNorm,
+SwiGLU), GPT-2's with model=gpt.
 
 Read top to bottom: norms, positional schemes, attention, MLPs → Block → XLabModel. Each swappable part is chosen
 by name from a registry, so `model.norm=rmsnorm` in a config maps to one class here, and the presets in
 configs/model/ (GPT-2, Llama, "modern") are just different choices. The model knows nothing of distribution,
-logging or checkpoint formats; those live in xlab/training/trainer.py, xlab/checkpoint.py and xlab/models/hf.py.
+logging or file formats (xlab/training/, xlab/checkpoint/, xlab/models/hf.py): load_from_checkpoint takes what a
+`Checkpoint` reads.
 """
 
 from __future__ import annotations

@@ -80,12 +80,17 @@ def task(cfg: ServeConfig) -> None:
     if not is_loopback(cfg.host):
         print(f"warning: serving on host={cfg.host} (allow_remote=true): anyone who can reach this address can use "
               "the server; it has no authentication", file=sys.stderr, flush=True)
+    serve(load_models(cfg, ckpts), cfg)
+
+
+def load_models(cfg: ServeConfig, ckpts: list[Checkpoint]) -> dict[str, Served]:
+    """Each checkpoint loaded as xlab.generate loads it (load_for_decoding), keyed by the path the API names."""
     device = pick_device(cfg.device)
     models = {}
     for path, ckpt in zip((cfg.ckpt, cfg.ckpt2), ckpts):
         loaded = load_for_decoding(ckpt, device, cfg.dtype, cfg.compile, cfg.cache)
         models[path] = Served(path, loaded.model, loaded.tokenizer, loaded.decoding)
-    serve(models, cfg)
+    return models
 
 
 main = hydra_app("serve", task, ServeConfig, validate)

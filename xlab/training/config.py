@@ -52,8 +52,8 @@ class OptimizerConfig(Schema):
 
     name: str = "adamw"  # adamw | muon | sgd
     lr: float = 3e-3  # peak lr (for muon: of the Muon-updated hidden matrices); tuned for the default run
-    # on matrices only; never on norms, biases or embeddings. 1.0 (decoupled: each step shrinks weights by lr x 1.0)
-    # beat 0.1 on pydocs and 0.2 / 0.5 on the 1 MB corpus at equal wall-clock, at no cost in speed (BENCHMARKS.md)
+    # on matrices only; never on norms, biases or embeddings. Decoupled: each step shrinks weights by lr x this.
+    # Far above the usual 0.1 because it won at equal wall-clock on small and mid corpora (BENCHMARKS.md, recipes)
     weight_decay: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (also muon's AdamW part)
     eps: float = 1e-8
@@ -70,7 +70,7 @@ class OptimizerConfig(Schema):
 class SchedulerConfig(Schema):
     """See xlab/training/schedulers.py. Learning rate multiplier over optimizer steps."""
 
-    # cosine | linear | constant | wsd. Linear decay to 0 beat cosine to 10% in the recipe benchmark (BENCHMARKS.md)
+    # cosine | linear | constant | wsd. Linear decay to 0 won the recipe benchmark (BENCHMARKS.md, recipes)
     name: str = "linear"
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak lr
@@ -93,8 +93,8 @@ class TrainerConfig(Schema):
     ckpt_every: int = 600
     log_every: int = 25
     # torch.compile the training model (checkpoints stay free of compile prefixes). auto = on for CUDA (not under
-    # FSDP), off on CPUs, where inductor ran at 0.57-1.10x eager for 4-82 s of compiling plus a recompile per
-    # evaluation shape (BENCHMARKS.md); the first step's time, compile included, is logged
+    # FSDP), off on CPUs, where inductor was no faster than eager after a long compile and a recompile per
+    # evaluation shape (BENCHMARKS.md, trainer.compile=auto); the first step's time, compile included, is logged
     compile: Switch = Switch.auto
     compile_backend: str = "inductor"  # torch.compile's backend: inductor (fast code), aot_eager (debugging), ...
     strategy: Strategy = Strategy.ddp
@@ -109,9 +109,14 @@ class TrainerConfig(Schema):
     on_nan: OnNan = OnNan.stop
     save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
     early_stop_patience: int | None = None  # stop after this many evaluations without a new best val loss
-    # A run of more than SMALL_DATA_EPOCHS (8) epochs (xlab/training/trainer.py) trains with model.dropout >= 0.1 and
-    # optimizer.weight_decay >= 2.0, logged at start: measured to pay on small corpora (BENCHMARKS.md)
+    # A run of many epochs over its train split trains with more dropout and weight decay (SMALL_DATA_FLOORS in
+    # xlab/training/trainer.py), logged at start: measured to pay on small corpora (BENCHMARKS.md, recipes)
     small_data_regularization: bool = True
+    # Train for this many seconds of training steps on this machine (start-up, evaluations and checkpoints not
+    # counted): max_steps is set from the step time measured over the first steps, so the schedule decays at the
+    # budget's end; the chosen count is logged and kept in state.json, so resume continues that schedule
+    # (xlab/training/budget.py). null: train max_steps steps, the reproducible default
+    time_budget_s: float | None = None
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
                                      # max_steps. For probes and hard budgets; equal-time comparisons set max_steps
     # Local downstream tasks scored at every evaluation, logged as tasks/<task>/<metric> beside val loss
@@ -129,6 +134,7 @@ class TrainerConfig(Schema):
         "keep_last": Range(1, note="(or null to keep every checkpoint)"),
         "early_stop_patience": Range(1, note="(or null: never stop early)"),
         "max_time_s": Range(0, lo_open=True, note="(or null: no time limit)"),
+        "time_budget_s": Range(0, lo_open=True, note="(or null: train max_steps steps)"),
         "collective_timeout_s": POSITIVE,
     }
 

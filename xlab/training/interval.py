@@ -8,7 +8,8 @@ train/bpb is the interval's summed NLL / ln 2 / the UTF-8 bytes its target token
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ class IntervalMetrics:
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # interval: the same, and skipped steps
         self.grad_norm = torch.full((), float("nan"), device=device)  # of the interval's last applied update
         self.processed, self.start = 0, time.perf_counter()
+        self.paused_at: float | None = None  # inside paused(): when the pause began
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, nbytes: torch.Tensor) -> None:
         """One micro-batch's summed token loss, correct predictions and target bytes."""
@@ -39,19 +41,22 @@ class IntervalMetrics:
         self.step_sums.zero_()
         self.processed += processed
 
-    def pause(self) -> Callable[[], None]:
-        """Exclude what follows (evaluation, saving) from tok/s: call the returned function when it is done."""
-        began = time.perf_counter()
-
-        def resume() -> None:
-            self.start += time.perf_counter() - began
-
-        return resume
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Exclude the block (evaluation, logging, saving) from tok/s, also when it records the interval: the pause
+        belongs neither to the interval that ends in it nor to the next one."""
+        self.paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - self.paused_at
+            self.paused_at = None
 
     def record(self, reduce: Callable[[torch.Tensor], torch.Tensor], world: int) -> dict[str, Any]:
         """The interval's figures (summed over ranks by `reduce`), then a fresh interval. The only host sync."""
         loss, correct, nbytes, tokens, skipped = reduce(self.sums).tolist()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter() if self.paused_at is None else self.paused_at
+        elapsed = max(now - self.start, 1e-9)
         record: dict[str, Any] = {"tok_per_s": self.processed / elapsed,
                                   "tok_per_s_per_device": self.processed / elapsed / world}
         if tokens > 0:  # else every update of the interval was dropped: no loss to report
@@ -62,5 +67,5 @@ class IntervalMetrics:
             record["grad_norm"] = norm
         record["skipped"] = int(round(skipped / world))  # every rank counted the same dropped steps
         self.sums.zero_()
-        self.processed, self.start = 0, time.perf_counter()
+        self.processed, self.start = 0, now
         return record

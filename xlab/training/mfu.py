@@ -33,12 +33,11 @@ def device_peak(name: str | None = None, precision: str = "bf16") -> tuple[str, 
     return name, None
 
 
-def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
-    """Peak FLOP/s of one training device for Accelerate's mixed_precision ("no" = fp32), or None."""
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one training device at a resolved precision (fp32, bf16, fp16), or None."""
     if device.type != "cuda":
         return None
-    precision = {"no": "fp32"}.get(mixed_precision, mixed_precision)
-    return device_peak(torch.cuda.get_device_name(device), precision)[1]
+    return device_peak(torch.cuda.get_device_name(device), str(precision))[1]
 
 
 def mfu(flops_per_token: float, tokens_per_second_per_device: float, peak: float | None) -> float | None:

@@ -80,6 +80,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
             opt.load_state_dict(state)
+        # torch's load_state_dict gives each child new group dicts: point at those, or the schedule sets dead ones
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
 
 
 @OPTIMIZERS.register("muon")

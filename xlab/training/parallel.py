@@ -25,8 +25,10 @@ import torch.nn as nn
 
 from xlab.checkpoint.layout import SHARDED_DIR
 from xlab.checkpoint.write import save_state_dict
+from xlab.device import pick_device, resolve_precision
 from xlab.errors import XLabError
 from xlab.models.transformer import Block
+from xlab.schema import Precision
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -51,9 +53,10 @@ def check_strategy_config(cfg: TrainConfig) -> None:
     if cfg.trainer.compile == "on":  # auto runs FSDP uncompiled
         raise XLabError("trainer.compile=on is not supported with trainer.strategy=fsdp yet; use "
                         "trainer.compile=auto (off under FSDP) or trainer.strategy=ddp")
-    if cfg.trainer.precision == "fp16":
-        raise XLabError("trainer.precision=fp16 is not supported with trainer.strategy=fsdp (no gradient scaler on "
-                        "sharded gradients); use trainer.precision=bf16 or fp32")
+    if resolve_precision(cfg.trainer.precision, pick_device("auto")) is Precision.fp16:  # auto: a GPU without bf16
+        raise XLabError(f"trainer.precision={cfg.trainer.precision} is not supported with trainer.strategy=fsdp"
+                        f"{' (auto is fp16 on this GPU)' if cfg.trainer.precision == 'auto' else ''}: no gradient "
+                        "scaler on sharded gradients; use trainer.precision=fp32 (or bf16 where the device has it)")
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -64,18 +67,16 @@ def ensure_process_group(device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard_model(model: nn.Module, device: torch.device, mixed_precision: str, reshard_after_forward: bool) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, precision: Precision, reshard_after_forward: bool) -> nn.Module:
     """FSDP2 over all ranks: each Block its own unit, then the root. With bf16, parameters are all-gathered in bf16
     and gradients reduced in fp32 (autocast still decides each op's dtype, as under DDP)."""
     from torch.distributed.device_mesh import init_device_mesh  # FSDP's 0.45 s of start-up: FSDP runs only
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if mixed_precision == "fp16":  # trainer.precision=auto on a GPU without bf16
-        raise XLabError("trainer.strategy=fsdp runs fp32 or bf16, and this GPU has no bf16: use trainer.precision=fp32")
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+        if precision is Precision.bf16 else MixedPrecisionPolicy()
     model.to(device)
     for block in model.modules():
         if isinstance(block, Block):

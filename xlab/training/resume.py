@@ -1,14 +1,15 @@
 """Resuming a run from a training checkpoint: what may change, the state files checked as plain data, then
-Accelerate's load_state with the RNG states restored by XLab."""
+Accelerate's load_state with the RNG states restored by XLab and the configured optimizer settings put back."""
 
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
@@ -26,6 +27,7 @@ from xlab.training.state import TrainState
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+log = logging.getLogger(__name__)
 
 # Model keys that do not change what the weights compute: training-only regularisation (dropout, z_loss), the
 # attention kernel (attn_impl) and initialisation-only keys. Resume accepts a change of these; any other model key
@@ -37,8 +39,10 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
     """Refuse to resume into a model whose weights would mean something else, naming each changed key, or under the
     other strategy (a DDP checkpoint holds full optimizer state, an FSDP one shards of it). A key the
     checkpoint's config lacks (written before the key existed) counts as its default, which is the old behaviour.
-    (Training settings such as max_steps, lr or eval cadence may change.) Then the state files are checked, so that
-    xlab.train refuses a damaged checkpoint before Hydra writes into the run dir."""
+    (Training settings such as max_steps, lr or eval cadence may change: the resumed run follows the config, the
+    optimizer.* settings included, which load_training_state puts back over the checkpoint's param groups and logs.)
+    Then the state files are checked, so that xlab.train refuses a damaged checkpoint before Hydra writes into the
+    run dir."""
     ckpt = resolve_checkpoint(ckpt)
     saved = to_container(OmegaConf.structured(Checkpoint.of(ckpt).section("model", ModelConfig)))
     diffs = [f"model.{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in config["model"].items()
@@ -97,11 +101,39 @@ def check_resumable(path: str | Path) -> dict:
     return state
 
 
+def optimizer_settings(optimizer: Any) -> list[dict]:
+    """Each param group's settings: every key but its parameters (lr, initial_lr, weight_decay, betas, eps, ...)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_optimizer_settings(optimizer: Any, scheduler: Any, settings: list[dict]) -> None:
+    """Put the settings of the optimizer as built (from the config) back after a load: Optimizer.load_state_dict
+    restores the checkpoint's param-group settings and LambdaLR its base_lrs, so a changed optimizer.lr,
+    weight_decay or betas would be ignored. The lr of the step resumed at follows from the schedule
+    (xlab/training/schedulers.py: a LambdaLR); unchanged settings give back exactly the checkpoint's values."""
+    groups = optimizer.param_groups
+    for group, values in zip(groups, settings, strict=True):
+        group.update(values)
+    schedule = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps the LambdaLR
+    schedule.base_lrs = [group["initial_lr"] for group in groups]
+    for group, base, multiplier in zip(groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+        group["lr"] = base * multiplier(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in groups]  # get_last_lr(): what the next log reports until a step
+
+
+def optimizer_changes(ckpt: Path, config: dict) -> list[str]:
+    """`optimizer.KEY OLD -> NEW` for each optimizer setting that differs from the checkpoint's config.yaml."""
+    saved = Checkpoint.of(ckpt).config.get("optimizer") or {}
+    return [f"optimizer.{k} {saved[k]} -> {v}" for k, v in config.get("optimizer", {}).items()
+            if k in saved and saved[k] != v]
+
+
 def load_training_state(accelerator: Accelerator, path: str | Path, config: dict | None = None,
-                        sharded: ShardedState | None = None) -> dict:
+                        sharded: ShardedState | None = None, optimizer: Any = None, scheduler: Any = None) -> dict:
     """Restore model/optimizer/scheduler/RNG from a checkpoint into the prepared objects (model and optimizer
-    through `sharded` under FSDP); returns state.json. With config["resume_rng"] false the RNGs keep their seeded
-    state instead of the checkpoint's."""
+    through `sharded` under FSDP); returns state.json. Given `optimizer` and `scheduler` (built from the config), their
+    configured settings are put back over the checkpoint's (apply_optimizer_settings), the changed ones logged. With
+    config["resume_rng"] false the RNGs keep their seeded state instead of the checkpoint's."""
     ckpt = resolve_checkpoint(path)
     state = check_resumable(ckpt)
     if config is not None:
@@ -114,6 +146,7 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
     # seeded ones back, with resume_rng=false).
     rng = safeload.rank_rng_states(ckpt, rank, saved_world(ckpt, state)) if resume_rng else \
         safeload.current_rng_states()
+    settings = None if optimizer is None else optimizer_settings(optimizer)  # before the load replaces them
     try:
         accelerator.load_state(str(ckpt))
         if sharded is not None:
@@ -129,4 +162,8 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
         raise XLabError(f"cannot resume from {ckpt}: a state file is damaged ({reason})") from None
     if rng is not None:
         safeload.set_rng_states(rng, ckpt / f"random_states_{rank}.pkl")
+    if settings is not None:
+        apply_optimizer_settings(optimizer, scheduler, settings)
+        if config is not None and accelerator.is_main_process and (changes := optimizer_changes(ckpt, config)):
+            log.info("resume: %s applied", ", ".join(changes))
     return state

@@ -25,6 +25,7 @@ class TrainState:
     trackers: dict[str, str] = field(default_factory=dict)  # tracker run ids, so a resumed W&B run continues
     best: Best | None = None
     evals_since_best: int = 0  # evaluations since the best one (trainer.early_stop_patience)
+    budget_steps: int | None = None  # trainer.time_budget_s: the max_steps its probe chose
     rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save: each rank's weights (DDP:
     weight_checksum: float | None = None  # equal on every rank; FSDP: its shards) and the whole model's sum
 
@@ -32,7 +33,8 @@ class TrainState:
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "sampler": self.sampler, "trackers": self.trackers, "rank_weight_checksums": self.rank_weight_checksums,
                 "weight_checksum": self.weight_checksum,
-                "best": None if self.best is None else asdict(self.best), "evals_since_best": self.evals_since_best}
+                "best": None if self.best is None else asdict(self.best), "evals_since_best": self.evals_since_best,
+                "budget_steps": self.budget_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Also reads the state.json of checkpoints written before a key existed (its default is kept)."""
@@ -45,6 +47,8 @@ class TrainState:
         best = state.get("best")
         self.best = None if best is None else Best(**best)
         self.evals_since_best = int(state.get("evals_since_best", 0))
+        budget = state.get("budget_steps")
+        self.budget_steps = None if budget is None else int(budget)
 
     def observe_val(self, val_loss: float, val_bpb: float | None = None) -> bool:
         """Record an evaluation; True when it is the best so far."""

@@ -1,12 +1,15 @@
 """The training loop: `Trainer(cfg, run_dir).fit()`, or `train(cfg, run_dir)` in one call.
 
 How it is organised. Construction builds everything (Accelerator, data, model, optimizer, schedule, checkpointer)
-and resumes. `fit()` is the loop, in one screen: `train_step()` runs `forward_backward()` per micro-batch and then
-`optimizer_step()`; at the last step the loop logs, evaluates and saves through the same code as at the periodic
-steps. Each concern is a small unit of its own: `TrainState` (state.py) holds every counter resume needs and is what
-a checkpoint's state.json holds; `IntervalMetrics` (interval.py) sums a log interval on the device; `NanGuard` and
-`StopRequest` (guards.py) are the NaN and stop policies; `Checkpointer` (xlab/checkpoint/write.py) writes
-checkpoints atomically; evaluation (xlab/evaluation/windows.py) is shared with xlab.evaluate.
+and resumes; `fit()` logs the start-up lines (`report_start()`) and runs the loop, in one screen: `train_step()` runs
+`forward_backward()` per micro-batch and then `optimizer_step()`; `due()` (a pure function of the step, the cadence
+and the stop flags) says what the step is due, done in this order: evaluate, log, save. The evaluation can end the
+run (early stop), so it comes first and the last interval is still logged and saved. The last step is due all
+three, through the same code as the periodic steps. Each concern is a small unit of its own: `TrainState`
+(state.py) holds every counter resume needs and is what a checkpoint's state.json holds; `IntervalMetrics`
+(interval.py) sums a log interval on the device; `NanGuard` and `StopRequest` (guards.py) are the NaN and stop
+policies; `Checkpointer` (xlab/checkpoint/write.py) writes checkpoints atomically; evaluation
+(xlab/evaluation/windows.py) is shared with xlab.evaluate.
 
 One optimizer step = grad_accum_steps micro-batches of batch_size windows per process. The loss is a sum of
 token losses divided by the step's token count, so accumulation gives exactly the gradient of one big batch.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,21 +30,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from tqdm.auto import tqdm
 
 from xlab.checkpoint.layout import newest_checkpoint, resolve_checkpoint
 from xlab.checkpoint.write import Checkpointer
-from xlab.data.datamodule import XLabDataModule
+from xlab.data.datamodule import RandomWindows, XLabDataModule
 from xlab.data.sources import SPLITS, check_data_config
 from xlab.data.tokenizer import check_tokenizer_config
-from xlab.device import autocast_for, keep_freed_memory, resolve_precision  # noqa: F401  (autocast_for: the old import path)
+from xlab.device import accelerate_precision, keep_freed_memory, pick_device, resolve_precision
 from xlab.errors import XLabError
 from xlab.evaluation.tasks.inloop import TaskScorer
 from xlab.evaluation.windows import score_windows
 from xlab.models import MODELS
 from xlab.models.transformer import check_model_config
-from xlab.schema import Switch, to_container
+from xlab.schema import Precision, Switch, to_container
 from xlab.training import parallel
+from xlab.training.budget import TimeBudget
 from xlab.training.config import OnNan, Strategy, TrainConfig, TrainerConfig
 from xlab.training.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
 from xlab.training.guards import NanGuard, StopRequest
@@ -51,12 +56,12 @@ from xlab.training.mfu import mfu, peak_flops
 from xlab.training.optimizers import OPTIMIZERS, check_optimizer_config
 from xlab.training.resume import load_training_state
 from xlab.training.rundir import check_run_dir, clear_run_dir
-from xlab.training.schedulers import build_scheduler, check_scheduler_config
+from xlab.training.schedulers import SCHEDULERS, build_scheduler, check_scheduler_config
 from xlab.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "train", "check_config", "resume_path"]
+__all__ = ["Trainer", "train", "check_config", "resume_path", "Due", "due"]
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -110,8 +115,9 @@ def resume_path(resume: str | None, ckpt_root: Path) -> Path | None:
 def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
     """The typed config, and the pretrained model of `init_from` (whose architecture and tokenizer replace the
     configured ones), or None."""
-    if not isinstance(cfg, TrainConfig):  # a DictConfig from Hydra: turn it into the typed dataclasses
-        cfg = OmegaConf.to_object(cfg)
+    # A DictConfig from Hydra becomes the typed dataclasses; a TrainConfig built in Python gets its interpolations
+    # (paths.cache_dir's ${xlab_cache_dir:}) resolved, as Hydra resolves them, and is checked the same way.
+    cfg = OmegaConf.to_object(OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg)
     init = None
     if cfg.init_from is not None:
         from xlab.models.hf import load_init  # transformers: only for init_from
@@ -121,12 +127,12 @@ def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
     return cfg, init
 
 
-def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
+def build_accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision) -> Accelerator:
     t = cfg.trainer
     trackers = [str(name) for name in cfg.logger.trackers]  # Accelerate's tracker names
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # with no CUDA every rank must still join the process group on CPU
-        mixed_precision=mixed_precision,
+        mixed_precision=accelerate_precision(precision),
         gradient_accumulation_steps=t.grad_accum_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
@@ -137,11 +143,10 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, mixed_precision: str):
     )
 
 
-# Beyond this many epochs regularisation pays for its cost (dropout makes a CPU step ~40% slower): in the recipe
-# benchmark it lost at ~6 epochs (pydocs: 1.999 vs 1.896 test bpb) and won at ~13 (the 1 MB corpus: 1.778 vs 1.821).
+# Beyond this many epochs regularisation pays for its cost (dropout makes a CPU step slower): in the recipe benchmark
+# it lost at ~6 epochs and won at ~13; weight decay 2.0 won on the small corpus and lost below the threshold
+# (BENCHMARKS.md, recipes).
 SMALL_DATA_EPOCHS = 8.0
-# Weight decay: on the 1 MB corpus 2.0 beat 1.0 (both seeds), 1.0 beat 0.5 and 0.2; on the larger corpora, below the
-# threshold, 2.0 lost to the default 1.0 (BENCHMARKS.md).
 SMALL_DATA_FLOORS = {"model.dropout": 0.1, "optimizer.weight_decay": 2.0}
 
 
@@ -168,18 +173,91 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
     return tuple(x.pin_memory().to(device, non_blocking=True) for x in batch)
 
 
+@dataclass(frozen=True)
+class Due:
+    """What the loop does after a step, in this order: evaluate, log, save (`best`: also point checkpoints/best at
+    the save; `mark_best`: only re-point it at this step's checkpoint, written already), then stop if `last`."""
+
+    step: int
+    log: bool
+    eval: bool
+    save: bool
+    last: bool
+    stopped: bool = False  # a stop request (signal, max_time_s) ends the run at this step
+    saved: bool = False  # this step's checkpoint exists already (a run resumed at its end)
+    best: bool = False
+    mark_best: bool = False
+
+    def after_eval(self, improved: bool, stop_early: bool, save_best: bool) -> Due:
+        """The evaluation's outcome folded in: an early stop makes the step the last (so its interval is logged and
+        it is saved), and a new best val loss is saved (trainer.save_best), or only marked when saved already."""
+        last, best = self.last or stop_early, improved and save_best
+        return replace(self, last=last, log=self.log or last, save=not self.saved and (self.save or last or best),
+                       best=best and not self.saved, mark_best=best and self.saved)
+
+
+def due(step: int, t: TrainerConfig, stopping: bool = False, hurry: bool = False, saved_step: int = -1) -> Due:
+    """The cadence after optimizer step `step`, pure (tested without training). The last step (max_steps, or a stop
+    request) is due everything a periodic step can be, so the final evaluation and checkpoint are the periodic ones;
+    hurry (a second stop signal) skips the evaluation; a step saved already (resumed at the end) is not saved again."""
+    last, saved = step >= t.max_steps or stopping, saved_step == step
+    return Due(step, log=step % t.log_every == 0 or last, eval=(step % t.eval_every == 0 or last) and not hurry,
+               save=(step % t.ckpt_every == 0 or last) and not saved, last=last, stopped=stopping, saved=saved)
+
+
 class Trainer:
     """Builds a run from its config and trains it; see the module docstring for how the loop is organised."""
+
+    # Components: built by __init__ from the config, each a unit of its own
+    accelerator: Accelerator
+    datamodule: XLabDataModule
+    sampler: RandomWindows  # the train batches, resumable
+    task_scorer: TaskScorer | None  # trainer.eval_tasks
+    model: nn.Module  # prepared: DDP-wrapped and compiled, or FSDP-sharded
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # Accelerate's wrapper of the LambdaLR (xlab/training/schedulers.py)
+    sharded: parallel.ShardedState | None  # FSDP: model and optimizer state in checkpoints
+    checkpointer: Checkpointer
+    metrics_file: MetricsFile
+    nan_guard: NanGuard
+    metrics: IntervalMetrics
+    # Runtime: the run's settings and the facts derived from them, fixed once built
+    cfg: TrainConfig
+    t: TrainerConfig  # cfg.trainer
+    config_dict: dict[str, Any]  # cfg as plain data: each checkpoint's config.yaml
+    run_dir: Path
+    main: bool  # rank 0: the one that logs and writes metrics.jsonl
+    world: int  # processes
+    device: torch.device
+    precision: Precision
+    compiled: bool
+    fsdp: bool
+    seq_len: int
+    tokens_per_step: int  # per process
+    train_tokens: int
+    epochs: float  # over the train split, at max_steps
+    byte_lengths: torch.Tensor  # UTF-8 bytes per token id: bits per byte
+    flops_per_token: float
+    peak: float | None  # FLOP/s of one device, for MFU
+    # State: changes as the run trains
+    state: TrainState  # every counter resume needs: a checkpoint's state.json
+    saved_step: int  # the step of the newest checkpoint, -1 before any
+    started: float  # when fit() began (trainer.max_time_s)
+    report_memory: bool  # the memory line of the first step is still due
+    first_step: bool  # the first step's time (compile included) is still due
+    budget: TimeBudget | None  # trainer.time_budget_s, until its probe has chosen max_steps
 
     def __init__(self, cfg: TrainConfig | DictConfig, run_dir: str | Path) -> None:
         self.cfg, init = as_train_config(cfg)
         check_config(self.cfg)
         self.t, self.run_dir = self.cfg.trainer, Path(run_dir)
+        self.fsdp = self.t.strategy is Strategy.fsdp
         check_run_dir(self.run_dir, self.cfg.resume, self.cfg.overwrite)  # every rank, before any rank writes
         if self.t.keep_freed_memory:
             keep_freed_memory()
-        self.mixed_precision, self.compiled = resolve_precision(self.t.precision), compile_enabled(self.t)
-        self.accelerator = build_accelerator(self.cfg, self.run_dir, self.mixed_precision)
+        self.precision = resolve_precision(self.t.precision, pick_device("auto"))  # the device Accelerate picks
+        self.compiled = compile_enabled(self.t)
+        self.accelerator = build_accelerator(self.cfg, self.run_dir, self.precision)
         self.main, self.world, self.device = (self.accelerator.is_main_process, self.accelerator.num_processes,
                                               self.accelerator.device)
         if not self.main:  # one voice: the other ranks only report problems
@@ -189,12 +267,13 @@ class Trainer:
         set_seed(self.cfg.seed)  # same initial weights on every rank
         self._build_data(init)
         self._build_model(init)
-        self.state = TrainState()
+        self.state, self.saved_step, self.started = TrainState(), -1, time.perf_counter()
         self.config_dict = to_container(OmegaConf.structured(self.cfg))
         self.sharded = parallel.ShardedState(self.accelerator, self.model, self.optimizer) if self.fsdp else None
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir / "checkpoints", self.config_dict,
                                          self.datamodule.tokenizer_path, self.t.keep_last, self.sharded)
-        self.saved_step, self.report_memory, self.first_step = -1, True, True
+        self.report_memory = self.first_step = True
+        self.budget = TimeBudget(self.t.time_budget_s) if self.t.time_budget_s is not None else None
         self._resume()
         self._start_logging()
 
@@ -222,25 +301,13 @@ class Trainer:
             log.info("small data (%.1f epochs over the train split): training with %s "
                      "(trainer.small_data_regularization=false to keep the configured values)", self.epochs,
                      " ".join(changed))
-        table = self.datamodule.tokenizer.byte_lengths()
-        self.byte_lengths = torch.as_tensor(table, device=self.device)  # bytes per token id: bits per byte
-        if self.main:
-            log.info("tokenizer bytes per token: %s", ", ".join(
-                f"{split} {bytes_per_token(self.datamodule.tokens(split), table):.3f}" for split in SPLITS))
+        self.byte_lengths = torch.as_tensor(self.datamodule.tokenizer.byte_lengths(), device=self.device)
 
     def _build_model(self, init: Any) -> None:
         vocab = len(self.datamodule.tokenizer)
         model = init.model if init else MODELS.get(self.cfg.model.name)(vocab_size=vocab, **asdict(self.cfg.model))
-        if self.main:
-            log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
-                     model.num_params() / 1e6, model.flops_per_token(), vocab, self.seq_len)
-            for line in epoch_estimate(model.flops_per_token(), self.train_tokens, self.tokens_per_step * self.world,
-                                       devices=self.world):
-                log.info(line)
-            warn_many_epochs(self.t.max_steps, self.tokens_per_step * self.world, self.train_tokens)
-        self.fsdp = self.t.strategy is Strategy.fsdp
         if self.fsdp:  # sharded before the optimizer is built: it must hold the sharded parameters
-            model = parallel.shard_model(model, self.device, self.mixed_precision, self.t.fsdp_reshard_after_forward)
+            model = parallel.shard_model(model, self.device, self.precision, self.t.fsdp_reshard_after_forward)
         optimizer = OPTIMIZERS.get(self.cfg.optimizer.name)(model, self.cfg.optimizer)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.t.max_steps)
         Checkpointer.register_hooks(self.accelerator)
@@ -257,9 +324,13 @@ class Trainer:
         path = resume_path(self.cfg.resume, self.checkpointer.root)
         if path is None:
             return
-        self.state.load_state_dict(load_training_state(self.accelerator, path, self.config_dict, self.sharded))
+        self.state.load_state_dict(load_training_state(self.accelerator, path, self.config_dict, self.sharded,
+                                                       self.optimizer, self.scheduler))
         self.sampler.load_state_dict(self.state.sampler)
         self.saved_step = self.state.step
+        if self.state.budget_steps is not None:  # the budget's schedule, as chosen before the checkpoint
+            self.set_horizon(self.state.budget_steps)
+            self.budget = None
         if self.main:
             if self.cfg.resume == "auto" and path.name != "last":
                 log.warning("%s is missing or points to a missing checkpoint: resuming from the newest complete one",
@@ -275,60 +346,86 @@ class Trainer:
         if self.main and (dropped := self.metrics_file.keep_until(self.state.step)):
             log.info("dropped %d metrics.jsonl lines past step %d (this run writes them again)", dropped,
                      self.state.step)
-        self.peak = peak_flops(self.device, self.mixed_precision)
-        if self.main:
-            peak = f"against a {self.peak / 1e12:.0f} TFLOP/s peak per device" if self.peak else "n/a (no known peak)"
-            log.info("%d process(es) on %s; global batch %d sequences x %d tokens; MFU %s; torch.compile %s%s",
-                     self.world, self.device.type, self.t.batch_size * self.t.grad_accum_steps * self.world,
-                     self.seq_len, peak, "on" if self.compiled else "off",
-                     f" (trainer.compile=auto on {self.device.type})" if self.t.compile is Switch.auto else "")
+        self.peak = peak_flops(self.device, self.precision)
+
+    def report_start(self) -> None:
+        """The start-up lines (rank 0): bytes per token of each split, model size, the epoch estimate (a warning past
+        many epochs), global batch, MFU peak and compile."""
+        if not self.main:
+            return
+        table = self.byte_lengths.cpu().numpy()
+        log.info("tokenizer bytes per token: %s", ", ".join(
+            f"{split} {bytes_per_token(self.datamodule.tokens(split), table):.3f}" for split in SPLITS))
+        global_tokens = self.tokens_per_step * self.world
+        log.info("model: %.2fM parameters, %.3g training FLOPs/token, vocab %d, context %d",
+                 self.accelerator.unwrap_model(self.model).num_params() / 1e6, self.flops_per_token,
+                 len(self.datamodule.tokenizer), self.seq_len)
+        for line in epoch_estimate(self.flops_per_token, self.train_tokens, global_tokens, devices=self.world):
+            log.info(line)
+        warn_many_epochs(self.t.max_steps, global_tokens, self.train_tokens)
+        peak = f"against a {self.peak / 1e12:.0f} TFLOP/s peak per device" if self.peak else "n/a (no known peak)"
+        log.info("%d process(es) on %s; global batch %d sequences x %d tokens; MFU %s; precision %s%s; "
+                 "torch.compile %s%s", self.world, self.device.type,
+                 self.t.batch_size * self.t.grad_accum_steps * self.world, self.seq_len, peak, self.precision,
+                 " (trainer.precision=auto)" if self.t.precision is Precision.auto else "",
+                 "on" if self.compiled else "off",
+                 f" (trainer.compile=auto on {self.device.type})" if self.t.compile is Switch.auto else "")
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
         """Train to trainer.max_steps or a stop request; returns the last evaluation (and `stopped_at` if stopped;
         empty when a second stop signal skipped every evaluation, see guards.StopRequest)."""
-        t, self.started, val = self.t, time.perf_counter(), {}
-        bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.main, desc="train", dynamic_ncols=True)
+        self.report_start()
+        self.started, val = time.perf_counter(), {}
+        bar = tqdm(total=self.t.max_steps, initial=self.state.step, disable=not self.main, desc="train",
+                   dynamic_ncols=True)
         lost_rank = parallel.lost_rank_is_an_error(self.accelerator.process_index, self.world, self.checkpointer.root,
                                                    self.run_dir)
         with StopRequest() as stop, lost_rank:
             try:
                 while True:
-                    if self.state.step < t.max_steps and not (self.world == 1 and stop.hurried()):
+                    if self.should_train(stop):
                         self.train_step()
                         bar.update(1)
-                    step = self.state.step
-                    log_step = step % t.log_every == 0
-                    stopping, hurry = self._stop_requested(stop, log_step)
-                    last_step = step >= t.max_steps or stopping
-                    resume_clock = self.metrics.pause()
-                    if log_step or last_step:
-                        self.log_interval(bar)
-                    improved = False
-                    if (step % t.eval_every == 0 or last_step) and not hurry:  # the final evaluation is a periodic one
-                        val, improved = self.validate()
-                        if self.should_stop_early():
-                            last_step = True
-                    best_due = improved and t.save_best
-                    if (step % t.ckpt_every == 0 or last_step or best_due) and self.saved_step != step:
-                        self.save(best=best_due)
-                    elif best_due:  # saved at this step already (resumed at the end)
-                        self.checkpointer.mark_best(step)
-                    resume_clock()  # tok/s measures training, not logging, evaluation or saving
-                    if last_step:
+                        bar.total = self.t.max_steps  # trainer.time_budget_s may have set it
+                    due = self._due(stop)
+                    with self.metrics.paused():  # tok/s measures training, not evaluation, logging or saving
+                        if due.log:
+                            self.check_nan()  # on_nan=stop fails at the log step after a bad one, before evaluating
+                        if due.eval:  # the final evaluation is a periodic one
+                            val, improved = self.validate()
+                            due = due.after_eval(improved, self.should_stop_early(), self.t.save_best)
+                        if due.log:  # after the evaluation: a step that stops early logs its interval too
+                            self.log_interval(bar)
+                        if due.save:
+                            self.save(best=due.best)
+                        elif due.mark_best:  # saved at this step already (resumed at the end)
+                            self.checkpointer.mark_best(due.step)
+                    if due.last:
                         break
             finally:
                 bar.close()
-        if stopping and self.main:
-            log.warning("stopped at step %d of %d; checkpoint %s. Continue with resume=auto hydra.run.dir=%s", step,
-                        t.max_steps, self.checkpointer.root / "last", self.run_dir)
+        if due.stopped and self.main:
+            log.warning("stopped at step %d of %d; checkpoint %s. Continue with resume=auto hydra.run.dir=%s",
+                        due.step, self.t.max_steps, self.checkpointer.root / "last", self.run_dir)
         self.accelerator.end_training()
-        return {**val, "stopped_at": step} if stopping else val
+        return {**val, "stopped_at": due.step} if due.stopped else val
+
+    def should_train(self, stop: StopRequest) -> bool:
+        """Another step, unless at max_steps or hurried by a second stop signal (seen at once by one process; several
+        see it at the next log step's vote)."""
+        return self.state.step < self.t.max_steps and not (self.world == 1 and stop.hurried())
+
+    def _due(self, stop: StopRequest) -> Due:
+        step = self.state.step
+        stopping, hurry = self._stop_requested(stop, step % self.t.log_every == 0)
+        return due(step, self.t, stopping, hurry, self.saved_step)
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum_steps micro-batches, then the (NaN-guarded) update."""
-        started = time.perf_counter() if self.first_step else 0.0
+        timed = self.first_step or self.budget is not None
+        started = time.perf_counter() if timed else 0.0
         step_loss = torch.zeros((), device=self.device)
         for _ in range(self.t.grad_accum_steps):
             x, y = to_device(self.sampler.next_batch(), self.device)
@@ -337,13 +434,39 @@ class Trainer:
         self.metrics.end_step(dropped, grad_norm, self.tokens_per_step, self.tokens_per_step * self.world)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step * self.world
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
         if self.first_step:  # the compile happens in this process's first step: its cost, once
             self.first_step = False
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
             if self.main:
-                log.info("first step: %.2f s%s", time.perf_counter() - started,
-                         " (torch.compile included)" if self.compiled else "")
+                log.info("first step: %.2f s%s", seconds, " (torch.compile included)" if self.compiled else "")
+        if self.budget is not None:
+            self.observe_budget(seconds)
+
+    def observe_budget(self, seconds: float) -> None:
+        """trainer.time_budget_s: once its probe is complete, set max_steps (every rank the same: the slowest's)."""
+        chosen = self.budget.observe(self.state.step, seconds)
+        if chosen is None:
+            return
+        if self.world > 1:
+            chosen = int(self.accelerator.gather(torch.tensor([chosen], device=self.device)).min())
+        if self.main:
+            log.info("time budget %.0f s: %.3f s per step over steps 2-%d, so max_steps=%d (trainer.max_steps=%d "
+                     "set aside)", self.budget.seconds, self.budget.step_time, self.state.step, chosen,
+                     self.t.max_steps)
+        self.set_horizon(chosen)
+        self.budget = None
+
+    def set_horizon(self, steps: int) -> None:
+        """End the run, and the learning-rate schedule's decay, at `steps` (trainer.time_budget_s's choice)."""
+        self.t.max_steps = self.state.budget_steps = steps
+        schedule = getattr(self.scheduler, "scheduler", self.scheduler)  # Accelerate wraps torch's LambdaLR
+        multiplier = SCHEDULERS.get(self.cfg.scheduler.name)(self.cfg.scheduler, steps)
+        schedule.lr_lambdas = [multiplier] * len(schedule.lr_lambdas)
+        # this step's lr under the new end
+        for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
+            group["lr"] = base * multiplier(schedule.last_epoch)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss and gradient of one micro-batch; returns its (detached) objective."""
@@ -381,7 +504,6 @@ class Trainer:
 
     def log_interval(self, bar: tqdm) -> None:
         """Write the interval's train metrics (the loop's only host sync besides evaluation and saving)."""
-        self.check_nan()
         if self.metrics.processed == 0:  # resumed at the end: nothing was trained since the checkpoint
             return
         interval = self.metrics.record(self._sum_over_ranks, self.world)
