@@ -105,3 +105,17 @@ def lm_loss_sums(
     if z_loss == 0:
         return ce, ce
     return ce + z_loss * torch.logsumexp(flat, dim=-1).square().sum(), ce
+
+
+def tiny_config(**trainer):
+    """The in-process tests' run: a 2-layer 32-wide model on the bundled corpus, fp32, no trackers."""
+    from omegaconf import OmegaConf
+
+    from xlab.training.config import TrainConfig
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.model.update(n_layer=2, n_head=2, d_model=32, max_len=32)
+    cfg.logger.trackers = []
+    cfg.trainer.update(**{"precision": "fp32", "eval_batches": 2, "log_every": 2, "eval_every": 4,
+                          "ckpt_every": 1000, "max_steps": 8, **trainer})
+    return cfg

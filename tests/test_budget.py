@@ -10,7 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_loop import records, tiny_config
+from conftest import tiny_config
+from test_loop import records
 
 from xlab.training import trainer as trainer_module
 from xlab.training.budget import PROBE_STEPS, TimeBudget

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from conftest import tiny_config
 
 from xlab.training import interval
 from xlab.training.config import TrainConfig, TrainerConfig
@@ -84,14 +84,6 @@ def test_paused_time_belongs_to_no_interval(monkeypatch):
 
 # --- in-process runs --------------------------------------------------------------------------------------------
 
-
-def tiny_config(**trainer) -> TrainConfig:
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg.model.update(n_layer=2, n_head=2, d_model=32, max_len=32)
-    cfg.logger.trackers = []
-    cfg.trainer.update(**{"precision": "fp32", "eval_batches": 2, "log_every": 2, "eval_every": 4,
-                          "ckpt_every": 1000, "max_steps": 8, **trainer})
-    return cfg
 
 
 def records(run: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, run_cli, tiny_config
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -76,14 +76,6 @@ def test_stop_keeps_the_last_good_weights(tmp_path: Path):
 
 # --- accumulation, defaults -------------------------------------------------------------------------------------
 
-
-def tiny_config(tmp_cache: str | None = None, **trainer) -> TrainConfig:
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg.model.update(n_layer=2, n_head=2, d_model=32, max_len=32)
-    cfg.logger.trackers = []
-    cfg.trainer.update(**{"precision": "fp32", "eval_batches": 2, "log_every": 2, "eval_every": 4,
-                          "ckpt_every": 1000, "max_steps": 8, **trainer})
-    return cfg
 
 
 def test_accumulation_through_the_trainer_equals_the_big_batch(tmp_path: Path):
