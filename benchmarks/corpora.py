@@ -1,4 +1,4 @@
-"""Build two natural-English text corpora, offline, for the recipe benchmark.
+"""Build three natural-English text corpora, offline, for the recipe benchmark.
 
     python benchmarks/corpora.py                      # both, into ~/.cache/xlab/corpora
     python benchmarks/corpora.py --out DIR --only small
@@ -16,6 +16,9 @@ Then train on one with `python -m xlab.train data=text_files data.data_files=DIR
   installed), in sorted path order. `.so` redirects, symlinked aliases and pages whose text repeats an earlier
   page are skipped, and so are the ~16,600 machine-generated `gcloud` pages: they are the same flag boilerplate
   over and over and would otherwise be nine tenths of the corpus.
+
+- `manual.jsonl` (~0.7 MB): the Vim user manual (`<vim-docs>/usr_NN.txt`), a tutorial in plain English prose,
+  one document per numbered section (`*02.1* Running Vim for the First Time`), its title as the first line.
 
 Why: comparing training recipes needs natural English at two sizes (about 1 MB, which a small model sees many
 times over in minutes, and about 20 times that), built from text already on the machine so that no network is
@@ -47,6 +50,7 @@ from pathlib import Path
 
 RUST_DOCS = Path("~/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html").expanduser()
 MAN_DIR = Path("/usr/share/man")
+VIM_DOCS = Path("/usr/share/vim/vim90/doc")
 DEFAULT_OUT = Path("~/.cache/xlab/corpora").expanduser()
 
 SMALL_MIN, SMALL_MAX, SMALL_CAP = 0.8e6, 1.5e6, 1.1e6  # bytes of UTF-8 text
@@ -357,6 +361,30 @@ def large_documents(man_dir: Path, target: float = LARGE_TARGET, renderer: str |
 
 # ---------------------------------------------------------------------------------------------- output
 
+MANUAL_MIN = 0.5e6
+MANUAL_SECTION = re.compile(r"^\*(\d\d\.\d+)\*\s+(.+)$", re.M)  # `*02.1*	Running Vim for the First Time`
+
+
+def manual_documents(vim_docs: Path) -> list[Doc]:
+    """The Vim user manual (usr_NN.txt, a tutorial in English prose), one document per numbered section, the
+    section title as its first line; the chapters' navigation headers and the rule lines dropped."""
+    chapters = sorted(vim_docs.glob("usr_[0-9][0-9].txt"))
+    if not chapters:
+        raise SourceMissing(f"no Vim user manual (usr_NN.txt) in {vim_docs}: the manual corpus needs the vim "
+                            "package's docs (apt-get install vim-runtime), or pass --vim-docs")
+    docs = []
+    for chapter in chapters:
+        text = chapter.read_text(encoding="utf-8", errors="replace")
+        starts = [m.start() for m in MANUAL_SECTION.finditer(text)]
+        for begin, end in zip(starts, [*starts[1:], len(text)]):
+            section = re.sub(r"^=+$", "", text[begin:end], flags=re.M)  # the rules between sections
+            number, title = MANUAL_SECTION.match(section).groups()
+            body = _tidy(MANUAL_SECTION.sub("", section, count=1))
+            if body:
+                docs.append((f"{chapter.name}#{number}", _tidy(f"{title.strip()}\n\n{body}")))
+    return docs
+
+
 def write_jsonl(docs: Iterable[Doc], path: Path) -> tuple[int, int]:
     """Writes one JSON object per line to a temp file, then moves it into place; returns (documents, text bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,7 +416,8 @@ def build(name: str, docs: Callable[[], Iterable[Doc]], out: Path, minimum: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    parser.add_argument("--only", choices=("small", "large"), help="build just one of the corpora")
+    parser.add_argument("--only", choices=("small", "large", "manual"), help="build just one of the corpora")
+    parser.add_argument("--vim-docs", type=Path, default=VIM_DOCS, help="the directory holding usr_NN.txt")
     parser.add_argument("--rust-docs", type=Path, default=RUST_DOCS, help="rustup's share/doc/rust/html")
     parser.add_argument("--man-dir", type=Path, default=MAN_DIR, help="directory holding man1/ ... man8/")
     args = parser.parse_args(argv)
@@ -398,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             build("small", lambda: small_documents(args.rust_docs), out, SMALL_MIN)
         if args.only in (None, "large"):
             build("large", lambda: large_documents(args.man_dir), out, LARGE_MIN)
+        if args.only in (None, "manual"):
+            build("manual", lambda: manual_documents(args.vim_docs), out, MANUAL_MIN)
     except SourceMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,11 +36,13 @@ CORPORA = {  # name -> data overrides
     "pydocs": ["data=pydocs"],
     "small": ["data=text_files", f"data.data_files={CORPORA_DIR / 'small.jsonl'}"],
     "large": ["data=text_files", f"data.data_files={CORPORA_DIR / 'large.jsonl'}"],
+    "manual": ["data=text_files", f"data.data_files={CORPORA_DIR / 'manual.jsonl'}"],
 }
 # the default of commit 435677f: GPT-2 block 4x256, ctx 256, AdamW 3e-3, cosine, no regularisation
 GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", "scheduler=cosine",
                 "scheduler.min_lr_ratio=0.1", "trainer.small_data_regularization=false"]
 RECIPES = {  # name -> train overrides; None steps = as many as the budget allows
+    "nanogpt": (None, None),  # not XLab: nanoGPT's README CPU recipe (NANOGPT, nanogpt_run); --budget only
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
     "default": ([], None),  # whatever `python -m xlab.train` does today
@@ -132,6 +134,139 @@ def speed_probe(pair: list[list[str]], probe_dir: Path) -> None:
     print(statistics.median(times[0]) / statistics.median(times[1]))
 
 
+# nanoGPT's README CPU recipe (train.py's defaults as its shakespeare_char config sets them, with the README's CPU
+# overrides): GPT-2 block 4x128, context 64, batch 12, AdamW lr 1e-3, betas 0.9/0.99, weight decay 0.1 on every
+# matrix (embeddings included), 100 warm-up steps, cosine to lr/10, grad clip 1.0, dropout 0, fp32, no compile.
+NANOGPT = {"n_layer": 4, "n_head": 4, "d_model": 128, "max_len": 64, "batch_size": 12, "lr": 1e-3, "betas": (0.9, 0.99),
+           "weight_decay": 0.1, "warmup": 100, "min_lr_ratio": 0.1, "grad_clip": 1.0}
+
+
+def nanogpt_init(model) -> None:
+    """nanoGPT's _init_weights: N(0, 0.02) for linear and embedding weights, zero biases, and the residual
+    projections (attn.proj, mlp.proj) at 0.02 / sqrt(2 * n_layer)."""
+    import math
+
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * len(model.blocks)) if name.endswith("proj.weight") else 0.02
+            torch.nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+
+
+class Scored:
+    """XLab's forward interface over the reference model, so xlab.evaluation.windows.score_windows scores both alike."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, x, targets):
+        import torch.nn.functional as F
+
+        logits = self.model(x).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        return ce, ce, (logits.argmax(-1) == targets).sum()
+
+    def eval(self):
+        return self.model.eval()
+
+    def train(self, mode: bool = True):
+        return self.model.train(mode)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+
+def nanogpt_data(overrides: list[str]):
+    """The corpus the overrides name, tokenized by XLab (its default tokenizer): the splits both recipes train on."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from xlab.cli import CONFIG_DIR, register_schema
+    from xlab.data.datamodule import XLabDataModule
+    from xlab.training.config import TrainConfig
+
+    register_schema("train", TrainConfig)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
+    data = XLabDataModule(cfg.data, cfg.tokenizer, cfg.paths.cache_dir)
+    data.prepare()
+    return data
+
+
+def nanogpt_model(vocab_size: int, seed: int):
+    """reference_gpt.py's GPT at NANOGPT's shape, nanoGPT's init, and its AdamW (decay on every matrix)."""
+    import torch
+    from reference_gpt import ReferenceGPT
+
+    c = NANOGPT
+    torch.manual_seed(seed)
+    model = ReferenceGPT(vocab_size, c["n_layer"], c["n_head"], c["d_model"], c["max_len"])
+    nanogpt_init(model)
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": c["weight_decay"]},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return model, torch.optim.AdamW(groups, lr=c["lr"], betas=c["betas"])
+
+
+def nanogpt_lr(it: int, max_iters: int | None) -> float:
+    """nanoGPT's get_lr: linear warm-up, then cosine to min_lr over the run (a far horizon until it is known)."""
+    import math
+
+    c = NANOGPT
+    if it < c["warmup"]:
+        return c["lr"] * (it + 1) / (c["warmup"] + 1)
+    ratio = min(1.0, (it - c["warmup"]) / max(1, (max_iters or 10**9) - c["warmup"]))
+    return c["lr"] * (c["min_lr_ratio"] + (1 - c["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * ratio)))
+
+
+def nanogpt_run(overrides: list[str], budget_s: float, seed: int, evals: int = EVALS) -> dict:
+    """--nanogpt-run: benchmarks/reference_gpt.py trained with NANOGPT on XLab's tokenized splits of the corpus the
+    overrides name, for budget_s seconds of training steps (max_iters set from the step time measured over the first
+    steps, by xlab.training.budget, as trainer.time_budget_s sets max_steps, so the cosine ends at the budget), then
+    scored like XLab (score_windows): test bits per byte of the last weights and of those with the best val loss."""
+    import copy
+
+    import torch
+
+    from xlab.evaluation.windows import score_windows
+    from xlab.training.budget import TimeBudget
+
+    data, c, cpu = nanogpt_data(overrides), NANOGPT, torch.device("cpu")
+    model, opt = nanogpt_model(len(data.tokenizer), seed)
+    windows, byte_lengths = data.train_windows(c["max_len"], c["batch_size"], seed), torch.as_tensor(
+        data.tokenizer.byte_lengths())
+
+    def score(split: str, batches: int | None = None) -> dict:
+        return score_windows(Scored(model), data.eval_windows(split, c["max_len"], 32, batches), cpu,
+                             byte_lengths=byte_lengths)
+
+    budget, max_iters, it, trained, best = TimeBudget(budget_s), None, 0, 0.0, (float("inf"), None)
+    while max_iters is None or it < max_iters:
+        started = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = nanogpt_lr(it, max_iters)
+        loss = model(*windows.next_batch())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        it, seconds = it + 1, time.perf_counter() - started
+        trained += seconds
+        max_iters = max_iters or budget.observe(it, seconds)
+        if max_iters is not None and (it % max(1, max_iters // evals) == 0 or it >= max_iters):
+            val = score("val", 20)["bits_per_byte"]  # evaluation: outside the budget, as in XLab
+            best = (val, copy.deepcopy(model.state_dict())) if val < best[0] else best
+    last = score("test")
+    model.load_state_dict(best[1])
+    kept = score("test")
+    return {"steps": it, "step_time": round(budget.step_time, 4), "train_s": round(trained, 1),
+            "val_bpb_best": best[0], "test_bpb_best": kept["bits_per_byte"], "test_acc_best": kept["accuracy"],
+            "test_bpb_last": last["bits_per_byte"], "test_acc_last": last["accuracy"]}
+
+
 def plan(out: Path, corpus: str, recipe: str, seed: int) -> tuple[list[str], int, float]:
     """(train overrides, steps, speed vs the baseline) of one run: BASELINE_STEPS x the measured speed ratio."""
     overrides, fixed_steps = RECIPES[recipe]
@@ -140,6 +275,29 @@ def plan(out: Path, corpus: str, recipe: str, seed: int) -> tuple[list[str], int
         return overrides, fixed_steps, 1.0
     ratio = speed_ratio(out / "probes" / f"{corpus}-{recipe}-{seed}", [*CORPORA[corpus], *GPT2_435677F], overrides)
     return overrides, round(BASELINE_STEPS * ratio), ratio
+
+
+def run_budget(out: Path, corpus: str, recipe: str, seed: int, budget_s: float) -> dict:
+    """--budget: one recipe trained for budget_s seconds of training steps (XLab's trainer.time_budget_s, or the
+    nanoGPT recipe's own loop with the same rule), scored on the test split: best (by val loss) and last weights."""
+    from xlab.results import checkpoint_scores
+
+    row = {"corpus": corpus, "recipe": recipe, "seed": seed, "budget_s": budget_s}
+    if RECIPES[recipe][0] is None:  # nanogpt: its own loop, in a subprocess of its own
+        cmd = [sys.executable, __file__, "--nanogpt-run", json.dumps([CORPORA[corpus], budget_s, seed])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nanogpt run failed:\n{proc.stderr[-3000:]}")
+        return {**row, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    overrides = [*CORPORA[corpus], *RECIPES[recipe][0], f"seed={seed}"]
+    run = out / "runs" / f"{corpus}-{recipe}-{seed}-{budget_s:g}s"
+    wall = train(run, overrides, [f"trainer.time_budget_s={budget_s}"], None)
+    scores = {n.split(" ")[0]: s for n, _, s in checkpoint_scores(run, "test", 8, "auto")}
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
+    last = scores.get("last", scores["best"])
+    return {**row, "steps": state["step"], "wall_s": round(wall, 1), "best_step": state["best"]["step"],
+            "test_bpb_best": scores["best"]["bits_per_byte"], "test_acc_best": scores["best"]["accuracy"],
+            "test_bpb_last": last["bits_per_byte"], "test_acc_last": last["accuracy"], "overrides": overrides}
 
 
 def run_recipe(out: Path, corpus: str, recipe: str, seed: int, planned: tuple, threads: int | None) -> dict:
@@ -164,8 +322,50 @@ def table(results: list[dict]) -> str:
              "test acc (best) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (list(CORPORA).index(r["corpus"]), r["test_bpb_best"])):
         lines.append(f"| {r['corpus']} | {r['recipe']} | {r['seed']} | {r.get('speed', 1.0):.2f} | {r['steps']} | "
-                     f"{r['best_step']} | {r['test_bpb_best']:.4f} | {r['test_bpb_last']:.4f} | "
+                     f"{r.get('best_step', '-')} | {r['test_bpb_best']:.4f} | {r['test_bpb_last']:.4f} | "
                      f"{r['test_acc_best']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_main(args: argparse.Namespace) -> None:
+    """--budget: every (corpus, recipe, seed) for the same seconds of training, one run at a time (a run measures its
+    own step time: another run beside it would slow it); rows appended to <out>/budget.jsonl, then the table."""
+    log = args.out / "budget.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    for key in [(c, r, s) for c in args.corpora for r in args.recipes for s in args.seeds]:
+        if any((d["corpus"], d["recipe"], d["seed"], d["budget_s"]) == (*key, args.budget) for d in done):
+            continue
+        result = run_budget(args.out, *key, args.budget)
+        done.append(result)
+        with open(log, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+    rows = [r for r in done if r["corpus"] in args.corpora and r["budget_s"] == args.budget]
+    text = budget_table(rows)
+    (args.out / f"budget_{args.budget:g}s.md").write_text(text)
+    print(text, end="")
+
+
+def budget_table(rows: list[dict]) -> str:
+    """Per corpus and recipe: test bits per byte (best checkpoint) as the mean of the seeds ± half their spread, and
+    the change against the nanoGPT recipe's mean."""
+    lines = ["| corpus | recipe | seeds | steps | test bpb (best), mean ± half-spread | test bpb (last) | vs nanogpt |",
+             "|---|---|---|---|---|---|---|"]
+    for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["corpus"] == corpus:
+                groups.setdefault(r["recipe"], []).append(r)
+        base = groups.get("nanogpt")
+        base_mean = statistics.mean(r["test_bpb_best"] for r in base) if base else None
+        for recipe, runs in sorted(groups.items(), key=lambda kv: statistics.mean(r["test_bpb_best"] for r in kv[1])):
+            best = [r["test_bpb_best"] for r in runs]
+            mean, spread = statistics.mean(best), (max(best) - min(best)) / 2
+            change = f"{100 * (mean / base_mean - 1):+.1f}%" if base_mean else "-"
+            lines.append(f"| {corpus} | {recipe} | {len(runs)} | {round(statistics.mean(r['steps'] for r in runs))} | "
+                         f"{mean:.4f} ± {spread:.4f} | {statistics.mean(r['test_bpb_last'] for r in runs):.4f} | "
+                         f"{change} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,10 +376,19 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1337])
     ap.add_argument("--out", type=Path, default=Path("outputs/recipes"))
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (the cores are split between them)")
+    ap.add_argument("--budget", type=float, help="equal wall-clock: each recipe trains this many seconds of training "
+                    "steps (trainer.time_budget_s) instead of the baseline's step-time ratio")
     ap.add_argument("--speed-probe", help=argparse.SUPPRESS)  # internal: the subprocess of speed_ratio
+    ap.add_argument("--nanogpt-run", help=argparse.SUPPRESS)  # internal: the subprocess of run_budget
     args = ap.parse_args()
     if args.speed_probe:
         return speed_probe(json.loads(args.speed_probe), args.out)
+    if args.nanogpt_run:
+        return print(json.dumps(nanogpt_run(*json.loads(args.nanogpt_run))))
+    if args.budget:
+        return budget_main(args)
+    if "nanogpt" in args.recipes:
+        ap.error("--recipes nanogpt runs with --budget only (its steps are not XLab's)")
     log = args.out / "runs.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []

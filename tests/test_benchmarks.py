@@ -123,3 +123,20 @@ def test_generate_benchmark_compares_every_mode_with_transformers():
 def test_prefill_benchmark_prints_both_heads():
     out = run("prefill.py", "--shape", "small", "--prompt-tokens", "16", "--repeats", "1")
     assert re.search(rf"\| small \| 16 \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|", out), out
+
+
+def test_recipes_at_equal_time_against_the_nanogpt_recipe(tmp_path: Path):
+    """--budget: the nanoGPT README CPU recipe (reference_gpt.py, its own loop) and XLab's default, each for the same
+    seconds of training steps (xlab.training.budget), scored on the test split in bits per byte."""
+    import json
+
+    out = run("recipes.py", "--budget", "2", "--corpora", "pydocs", "--recipes", "nanogpt", "default", "--out",
+              str(tmp_path))
+    rows = {r["recipe"]: r for r in map(json.loads, (tmp_path / "budget.jsonl").read_text().splitlines())}
+    assert set(rows) == {"nanogpt", "default"}
+    for row in rows.values():
+        assert row["budget_s"] == 2 and row["steps"] >= 11 and 0 < row["test_bpb_best"] < 20
+    assert rows["nanogpt"]["train_s"] < 4  # the probe chose the steps that fit the budget
+    row = rf"\| pydocs \| {{}} \| 1 \| {NUMBER} \| {NUMBER} ± 0.0000 \| {NUMBER} \| {{}} \|"
+    assert re.search(row.format("nanogpt", r"\+0.0%"), out), out
+    assert re.search(row.format("default", rf"[+-]{NUMBER}%"), out), out

@@ -149,25 +149,60 @@ def test_man_pages_become_text_without_redirects_aliases_or_copies(tmp_path, ren
     assert len(list(corpora.large_documents(man, target=1, renderer=renderer))) == 1  # stops at the target
 
 
+VIM_CHAPTER = """*usr_02.txt*\tFor Vim version 9.0.
+
+\t\t     VIM USER MANUAL - by Bram Moolenaar
+
+\t\t\tThe first steps in Vim
+
+ Next chapter: |usr_03.txt|  Moving around
+==============================================================================
+*02.1*\tRunning Vim for the First Time
+
+To start Vim, enter this command: >
+
+\tgvim file.txt
+
+==============================================================================
+*02.2*\tInserting text
+
+The Vim editor is a modal editor.\u00a0That means the editor behaves differently.
+"""
+
+
+def test_the_vim_manual_becomes_one_document_per_section(tmp_path):
+    (tmp_path / "usr_02.txt").write_text(VIM_CHAPTER)
+    (tmp_path / "usr_toc.txt").write_text("*01.1* not a chapter\n\nskipped\n")
+    docs = corpora.manual_documents(tmp_path)
+    assert [d[0] for d in docs] == ["usr_02.txt#02.1", "usr_02.txt#02.2"]
+    first = docs[0][1]
+    assert first.startswith("Running Vim for the First Time\n\nTo start Vim") and "gvim file.txt" in first
+    assert "=====" not in first and "Next chapter" not in first and "Inserting" not in first
+
+
 def test_two_builds_write_identical_jsonl(tmp_path, capsys):
     rust_docs, man = write_sources(tmp_path)
-    sources = ["--rust-docs", str(rust_docs), "--man-dir", str(man)]
+    (tmp_path / "vim").mkdir()
+    (tmp_path / "vim" / "usr_02.txt").write_text(VIM_CHAPTER)
+    sources = ["--rust-docs", str(rust_docs), "--man-dir", str(man), "--vim-docs", str(tmp_path / "vim")]
     assert corpora.main(["--out", str(tmp_path / "a"), *sources]) == 0
     assert re.search(r"^small: 3 documents, 0\.00 MB of text, [\d.]+ s", capsys.readouterr().out, re.M)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "corpora.py"), "--out", str(tmp_path / "b"),
                            *sources], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^large: 2 documents, 0\.00 MB of text, [\d.]+ s", proc.stdout, re.M), proc.stdout
-    for name in ("small.jsonl", "large.jsonl"):
+    for name in ("small.jsonl", "large.jsonl", "manual.jsonl"):
         a, b = (tmp_path / d / name for d in "ab")
         assert a.read_bytes() == b.read_bytes()
+        if name == "manual.jsonl":
+            continue
         assert "’" in a.read_text(encoding="utf-8") or "—" in a.read_text(encoding="utf-8")  # ensure_ascii=False
         assert set(read_jsonl(a)) == ({"book/ch01.html", "book/ch02.html", "nomicon/intro.html"} if name[0] == "s"
                                       else {"man1/alpha.1.gz", "man1/beta.1"})
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["large.jsonl", "small.jsonl"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["large.jsonl", "manual.jsonl", "small.jsonl"]
 
 
-@pytest.mark.parametrize("only,flag", [("small", "--rust-docs"), ("large", "--man-dir")])
+@pytest.mark.parametrize("only,flag", [("small", "--rust-docs"), ("large", "--man-dir"), ("manual", "--vim-docs")])
 def test_a_missing_source_is_a_one_line_error(tmp_path, only, flag):
     missing = tmp_path / "nowhere"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "corpora.py"), "--out", str(tmp_path / "out"),
