@@ -1,4 +1,5 @@
-"""Serving throughput: requests/s and tokens/s of `python -m xlab.serve` at 1, 4 and 16 concurrent clients.
+"""Serving throughput: requests/s, tokens/s and latency (p50, p99) of `python -m xlab.serve` at 1, 16 and 64
+concurrent clients, and the server's resident memory (idle and peak) when this script started it.
 
 The server runs in its own process (started here on a free loopback port, or already running: --url); this process
 is the load: N client threads, each sending its next request as soon as its last one is answered (closed loop),
@@ -90,15 +91,25 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
     return {"clients": clients, "requests": requests, "wall_s": wall, "requests_per_s": requests / wall,
             "tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(latencies),
             "latency_p90_s": sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+            "latency_p99_s": sorted(latencies)[int(0.99 * (len(latencies) - 1))],
             "rows_per_batch": (after["rows"] - before["rows"]) / max(batches, 1)}
 
 
+def memory_mb(proc: subprocess.Popen | None) -> dict[str, float]:
+    """The server's resident memory now (VmRSS) and at its peak (VmHWM), in MB; {} for a server not started here."""
+    if proc is None:
+        return {}
+    status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1e3 for key in ("VmRSS", "VmHWM")}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| clients | requests | wall s | requests/s | tokens/s | latency p50 s | latency p90 s | rows/batch |",
+    lines = ["| clients | requests | wall s | requests/s | tokens/s | latency p50 s | latency p99 s | rows/batch |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['wall_s']:.2f} | {r['requests_per_s']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | "
                      f"{r['rows_per_batch']:.1f} |")
     return "\n".join(lines)
 
@@ -108,7 +119,7 @@ def main() -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--ckpt", help="start `python -m xlab.serve ckpt=CKPT` on a free loopback port")
     where.add_argument("--url", help="a running server")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--server-arg", action="append", default=[], help="an extra xlab.serve override")
@@ -118,13 +129,17 @@ def main() -> None:
     try:
         model = get(url + "/v1/models")["data"][0]["id"]
         post(url, {"model": model, "prompt": PROMPTS[0], "max_tokens": args.max_tokens, "seed": 0})  # warm-up
+        idle = memory_mb(proc)
         rows = [load(url, model, c, args.requests, args.max_tokens) for c in args.clients]
+        peak = memory_mb(proc)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"model {model}, {args.max_tokens} new tokens per request, {platform.processor() or platform.machine()}")
     print(table(rows))
+    if idle:
+        print(f"server RSS: {idle['VmRSS']:.0f} MB idle (after a warm-up request), {peak['VmHWM']:.0f} MB peak")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -446,3 +446,25 @@ def test_bad_serve_input(args, expect, capsys, monkeypatch):
     if "host=0.0.0.0" in args:
         fails_in_one_line("serve", *args, expect=expect)
     fails_in_one_line_in_process("serve.__main__", *args, expect=expect, capsys=capsys, monkeypatch=monkeypatch)
+
+
+def test_a_file_system_without_locks_is_one_line_naming_the_escape(tmp_path: Path, capsys, monkeypatch):
+    """Some NFS and FUSE mounts have no flock: the run dir's lock fails in one line naming the file system and
+    XLAB_NO_LOCK=1, and with it set the run goes ahead unlocked."""
+    import errno
+    import fcntl
+
+    def no_locks(*_args) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=1", "trainer.eval_batches=1", f"hydra.run.dir={run}"]
+    fails_in_one_line_in_process("train", *args, expect="file system there does not support file locks (No locks "
+                                 "available); set XLAB_NO_LOCK=1 to run without them", capsys=capsys,
+                                 monkeypatch=monkeypatch)
+    assert not (run / "checkpoints").exists()
+    monkeypatch.setenv("XLAB_NO_LOCK", "1")
+    monkeypatch.setattr(sys, "argv", ["xlab.train", *args])
+    importlib.import_module("xlab.train").main()
+    assert (run / "checkpoints" / "last" / "model.safetensors").is_file()

@@ -113,3 +113,13 @@ def test_init_from_hf_dir_trains(tmp_path: Path, tiny_run: Path):
     reloaded = from_hf_model(AutoModelForCausalLM.from_pretrained(hf_dir))
     assert tuned.num_params() == reloaded.num_params()
     assert not torch.equal(tuned.lm_head.weight, reloaded.lm_head.weight)  # it trained
+
+    # reads stay inside the directory: a file linked to one outside it is refused before anything is read
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes((hf_dir / "tokenizer_config.json").read_bytes())
+    (hf_dir / "tokenizer_config.json").unlink()
+    (hf_dir / "tokenizer_config.json").symlink_to(outside)
+    proc = run_cli("train", *TINY, f"init_from=hf:{hf_dir}", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r2'}",
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: refusing to read")
+    assert "tokenizer_config.json" in proc.stderr and "outside" in proc.stderr

@@ -137,16 +137,46 @@ def publish_symlink(link: str | Path, target_name: str) -> None:
     fsync_dir(link.parent)
 
 
-def try_lock(path: str | Path) -> IO | None:
-    """An exclusive lock on file `path` (created if missing), held while the returned file stays open; None when
-    another process holds it."""
+NO_LOCK = "XLAB_NO_LOCK"  # =1: take no file locks (file systems without flock); one writer is then up to you
+
+
+def file_system(path: Path) -> str:
+    """The type of the file system holding `path` (its longest mount point in /proc/mounts), or "unknown"."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    real = str(path.resolve())
+    found = [(len(point), kind) for point, kind in mounts if real == point or real.startswith(point.rstrip("/") + "/")]
+    return max(found)[1] if found else "unknown"
+
+
+def _flock(f: IO, path: Path, flags: int) -> None:
     import fcntl  # POSIX only
 
+    try:
+        fcntl.flock(f, flags)
+    except BlockingIOError:
+        raise
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS: the file system has no flock (some NFS and FUSE mounts)
+        f.close()
+        raise XLabError(f"cannot lock {path}: the {file_system(path.parent)} file system there does not support "
+                        f"file locks ({exc.strerror or exc}); set {NO_LOCK}=1 to run without them (then make sure "
+                        "only one process writes to that directory)") from None
+
+
+def try_lock(path: str | Path) -> IO | None:
+    """An exclusive lock on file `path` (created if missing), held while the returned file stays open; None when
+    another process holds it. With XLAB_NO_LOCK=1 the file is opened and nothing is locked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
+    if os.environ.get(NO_LOCK) == "1":
+        return f
+    import fcntl  # POSIX only
+
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(f, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
@@ -163,7 +193,7 @@ def locked(path: str | Path, on_wait: Callable[[], None] | None = None) -> Itera
         if on_wait is not None:
             on_wait()
         f = open(path, "a+")
-        fcntl.flock(f, fcntl.LOCK_EX)
+        _flock(f, Path(path), fcntl.LOCK_EX)
     with f:
         yield f
 

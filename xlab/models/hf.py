@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from xlab.checkpoint.layout import TOKENIZER
+from xlab.checkpoint.layout import TOKENIZER, check_links
 from xlab.checkpoint.read import Checkpoint
 from xlab.data.config import TokenizerConfig
 from xlab.data.tokenizer import load_tokenizer
@@ -215,6 +215,8 @@ def load_hf_dir(path: str | Path) -> HFInit:
     import transformers  # transformers: lazily, only when used
 
     d = Path(path).expanduser()
+    if d.is_dir():  # transformers opens its files by name: a planted link would make it read any file
+        check_links(d.resolve())
     if not (d / "config.json").is_file():
         raise XLabError(f"{str(path)!r} is not a transformers model directory (no config.json)")
     if not (d / "tokenizer.json").is_file():

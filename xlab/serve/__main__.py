@@ -7,46 +7,17 @@ Loads the checkpoints as xlab.generate does (dtype/compile/cache), then serves t
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from xlab.checkpoint.read import Checkpoint
 from xlab.cli import hydra_app, typed
 from xlab.device import pick_device
 from xlab.errors import XLabError
 from xlab.generation.api import load_for_decoding
-from xlab.generation.config import CacheKind, InferenceDtype
 from xlab.generation.fast import plan
-from xlab.schema import AT_LEAST_1, Range, Schema, Switch
 from xlab.serve.batcher import Served
-
-
-@dataclass
-class ServeConfig(Schema):
-    """`python -m xlab.serve` (xlab/serve/): a playground page and an OpenAI-compatible completions API over one or
-    two checkpoints, decoded as xlab.generate decodes (dtype/compile/cache: GenerateConfig's keys)."""
-
-    ckpt: str = MISSING
-    ckpt2: str | None = None  # a second checkpoint: the page shows both side by side; the API's model= picks one
-    host: str = "127.0.0.1"
-    port: int = 8000
-    allow_remote: bool = False  # a host other than loopback serves anyone who can reach it: opt in explicitly
-    device: str = "auto"
-    dtype: InferenceDtype = InferenceDtype.auto
-    compile: Switch = Switch.auto
-    cache: CacheKind = CacheKind.auto
-    batch_window_ms: float = 5.0  # how long the worker waits for more requests after the first (xlab/serve/batcher.py)
-    batch_rejoin_ms: float = 50.0  # at most this long more while fewer rows wait than the last batch decoded
-    max_batch_rows: int = 32  # rows decoded together at most
-    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
-    max_body_bytes: int = 1048576  # larger request bodies get 413
-
-    LIMITS = {
-        "port": Range(1, 65535), "batch_window_ms": Range(0, 10000), "batch_rejoin_ms": Range(0, 10000),
-        "max_batch_rows": Range(1, 4096),
-        "max_tokens_limit": AT_LEAST_1, "max_body_bytes": Range(1024),
-    }
+from xlab.serve.config import ServeConfig
 
 LOOPBACK = {"localhost", "::1", "ip6-localhost"}
 

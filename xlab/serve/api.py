@@ -26,10 +26,13 @@ from xlab.cli import CONFIG_DIR
 from xlab.errors import XLabError
 from xlab.generation.config import SamplerConfig
 from xlab.generation.sampling import check_beam_length, check_sampler_config
-from xlab.serve.batcher import Row, Served, TokenInfo
+from xlab.serve.batcher import Row, Served, TokenInfo, kv_bytes_per_row
+from xlab.serve.config import ServeConfig
 
 MAX_PROMPTS = 64  # prompts in one request
 MAX_N = 16  # choices per prompt
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # stop strings per request, characters per stop string
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's own limit is 5)
 
 
 class Sampler(str, Enum):
@@ -64,7 +67,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     stream: bool = False
     user: str | None = None  # accepted for OpenAI clients; unused
@@ -127,10 +130,34 @@ def sampler_config(req: CompletionRequest) -> SamplerConfig:
 
 
 def stops(req: CompletionRequest) -> list[str]:
+    """The stop strings: at most MAX_STOPS, each non-empty and at most MAX_STOP_CHARS long (every generated token
+    is checked against each of them, so their size is a bound on the work per token)."""
     values = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(values) > 16 or not all(values):
-        raise ApiError(400, "stop must be a non-empty string or a list of at most 16 of them", "stop")
+    if len(values) > MAX_STOPS or not all(values) or max(map(len, values), default=0) > MAX_STOP_CHARS:
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them, each at most "
+                            f"{MAX_STOP_CHARS} characters", "stop")
     return values
+
+
+def check_size(req: CompletionRequest, cfg: SamplerConfig, prompts: int, served: Served, limits: ServeConfig) -> None:
+    """The request's own bounds: tokens, sequences decoded, beams and the KV cache they need (ServeConfig)."""
+    if req.max_tokens > limits.max_tokens_limit:
+        raise ApiError(400, f"max_tokens={req.max_tokens} is above this server's limit max_tokens_limit="
+                            f"{limits.max_tokens_limit}", "max_tokens")
+    beam = cfg.name == "beam"
+    if beam and cfg.num_beams > limits.max_beams:
+        raise ApiError(400, f"num_beams={cfg.num_beams} is above this server's limit max_beams={limits.max_beams}",
+                       "num_beams")
+    per_prompt = cfg.num_beams if beam else req.n
+    if prompts * per_prompt > limits.max_request_rows:
+        what = f"{prompts} prompt(s) x {'num_beams' if beam else 'n'}={per_prompt}"
+        raise ApiError(400, f"this request decodes {prompts * per_prompt} sequences ({what}); this server's limit is "
+                            f"max_request_rows={limits.max_request_rows}", "num_beams" if beam else "n")
+    at_once = per_prompt if beam else 1  # a beam search decodes its beams together
+    if (need := kv_bytes_per_row(served) * at_once) > limits.kv_cache_mb * 1e6:
+        raise ApiError(400, f"this request needs {need / 1e6:.0f} MB of KV cache at once ({at_once} row(s) of the "
+                            f"model's context); this server's limit is kv_cache_mb={limits.kv_cache_mb:g}",
+                       "num_beams" if beam else None)
 
 
 @dataclass
@@ -145,21 +172,19 @@ class ChoiceState:
 class Job:
     """One request: its rows for the batcher and what their events add up to (a response or stream chunks)."""
 
-    def __init__(self, req: CompletionRequest, served: Served, max_tokens_limit: int) -> None:
-        self.req, self.served = req, served
+    def __init__(self, req: CompletionRequest, served: Served, limits: ServeConfig) -> None:
+        self.req, self.served, self.limits = req, served, limits
         self.id, self.created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.error: str | None = None
-        if req.max_tokens > max_tokens_limit:
-            raise ApiError(400, f"max_tokens={req.max_tokens} is above this server's limit {max_tokens_limit}",
-                           "max_tokens")
         cfg, stop = sampler_config(req), stops(req)
         prompts = req.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one text, or one prompt's token ids
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise ApiError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "prompt")
+        check_size(req, cfg, len(prompts), served, limits)
         ids = [self.encode(p) for p in prompts]
         self.prompts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in prompts]  # what echo shows
         per_prompt = 1 if cfg.name == "beam" else req.n  # beam: one row returns n sequences

@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException
 
 from xlab.errors import XLabError
 from xlab.serve.api import ApiError, Job, parse_request
-from xlab.serve.batcher import Batcher, Served
+from xlab.serve.batcher import Batcher, QueueFull, Served
+from xlab.serve.config import ServeConfig
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -47,7 +48,7 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(models: dict[str, Served], batcher: Batcher, max_body_bytes: int, max_tokens_limit: int) -> FastAPI:
+def create_app(models: dict[str, Served], batcher: Batcher, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="XLab", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("xlab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -76,31 +77,44 @@ def create_app(models: dict[str, Served], batcher: Batcher, max_body_bytes: int,
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(await read_body(request, max_body_bytes))
+        req = parse_request(await read_body(request, cfg.max_body_bytes))
         name = req.model or next(iter(models))
         if name not in models:
             raise ApiError(404, f"model={name!r} is not served here; valid: {', '.join(models)}", "model",
                            "not_found_error")
-        job = Job(req, models[name], max_tokens_limit)
-        batcher.submit(job.rows)
+        job = Job(req, models[name], cfg)
+        try:
+            batcher.submit(job.rows)
+        except QueueFull as exc:
+            return JSONResponse(ApiError(503, f"the server is busy: {exc}; retry later", None, "server_busy").body(),
+                                status_code=503, headers={"Retry-After": "1"})
+        deadline = time.monotonic() + cfg.request_timeout_s
         if req.stream:
-            return StreamingResponse(stream(job), media_type="text/event-stream",
+            return StreamingResponse(stream(job, deadline), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            await collect(job, request)
+            await collect(job, request, deadline)
         finally:
-            job.cancel()  # a client that went away stops its rows
+            job.cancel()  # a client that went away, or ran out of time, stops its rows
         if job.error is not None:
             raise ApiError(500, job.error, None, "server_error")
+        if job.open:
+            raise timed_out(cfg)
         return job.response()
 
     return app
 
 
-async def collect(job: Job, request: Request, every_s: float = 0.25) -> None:
-    """Fold the job's events in until its choices are done, or until its client has gone (checked every_s)."""
+def timed_out(cfg: ServeConfig) -> ApiError:
+    return ApiError(408, f"the request took longer than this server's limit request_timeout_s="
+                         f"{cfg.request_timeout_s:g}; ask for fewer tokens or sequences", None, "timeout")
+
+
+async def collect(job: Job, request: Request, deadline: float, every_s: float = 0.25) -> None:
+    """Fold the job's events in until its choices are done, its client has gone (checked every_s) or the deadline
+    has passed (the job is then still open)."""
     checked = time.monotonic()
-    while job.open:
+    while job.open and time.monotonic() < deadline:
         try:
             job.apply(await asyncio.wait_for(job.events.get(), timeout=every_s))
         except asyncio.TimeoutError:
@@ -111,16 +125,23 @@ async def collect(job: Job, request: Request, every_s: float = 0.25) -> None:
             checked = time.monotonic()
 
 
-async def stream(job: Job):
-    """Server-sent events for one request; closing the connection cancels its rows (they stop decoding)."""
+async def stream(job: Job, deadline: float):
+    """Server-sent events for one request; closing the connection cancels its rows (they stop decoding), and so does
+    the deadline (an error event says so)."""
     try:
         for chunk in job.echo_chunks():
             yield sse(chunk)
-        while job.open:
-            for chunk in job.apply(await job.events.get()):
+        while job.open and (left := deadline - time.monotonic()) > 0:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=left)
+            except asyncio.TimeoutError:
+                break
+            for chunk in job.apply(event):
                 yield sse(chunk)
         if job.error is not None:
             yield sse(ApiError(500, job.error, None, "server_error").body())
+        elif job.open:
+            yield sse(timed_out(job.limits).body())
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
@@ -141,12 +162,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(models: dict[str, Served], cfg) -> None:
+def serve(models: dict[str, Served], cfg: ServeConfig) -> None:
     import uvicorn  # the optional `serve` extra
 
     sock = bind(cfg.host, cfg.port)
-    batcher = Batcher(models, cfg.batch_window_ms / 1000, cfg.max_batch_rows, cfg.batch_rejoin_ms / 1000)
-    app = create_app(models, batcher, cfg.max_body_bytes, cfg.max_tokens_limit)
+    batcher = Batcher(models, cfg.batch_window_ms / 1000, cfg.max_batch_rows, cfg.batch_rejoin_ms / 1000,
+                      cfg.max_queued_rows, cfg.kv_cache_mb * 1e6)
+    app = create_app(models, batcher, cfg)
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving {', '.join(models)} at http://{shown}:{cfg.port}/ (API: /v1/completions, /v1/models, /health)",
           file=sys.stderr, flush=True)

@@ -28,6 +28,7 @@ import torch
 
 from xlab.generation.api import cut_at_stop, generate_ids
 from xlab.generation.config import SamplerConfig
+from xlab.models.ops import attention_dtype
 
 
 @dataclass
@@ -38,6 +39,19 @@ class Served:
     model: torch.nn.Module
     tokenizer: object
     decoding: object  # xlab.generation.fast.DecodeOptions
+
+
+def kv_bytes_per_row(served: Served) -> int:
+    """KV-cache bytes of one row at the model's full context: keys and values of every layer, in the dtype
+    attention runs in (xlab.models.ops.attention_dtype: fp32 on CPUs whose bf16 is slow)."""
+    model = served.model
+    c = model.cfg
+    dtype = attention_dtype(model.tok_emb.weight.dtype, model.device)
+    return 2 * c.n_layer * (c.n_kv_head or c.n_head) * c.max_len * (c.d_model // c.n_head) * dtype.itemsize
+
+
+class QueueFull(Exception):
+    """More rows than max_queued_rows would be waiting or decoding: the request is answered 503, Retry-After."""
 
 
 @dataclass
@@ -90,26 +104,37 @@ def held_back(text: str, stops: list[str]) -> int:
 class Batcher:
     """The worker thread and its queue of rows; `stats` feeds /health."""
 
-    def __init__(self, models: dict[str, Served], window_s: float, max_rows: int, rejoin_s: float = 0.0) -> None:
+    def __init__(self, models: dict[str, Served], window_s: float, max_rows: int, rejoin_s: float = 0.0,
+                 max_queued_rows: int | None = None, kv_bytes: float | None = None) -> None:
         self.models, self.window_s, self.max_rows, self.rejoin_s = models, window_s, max_rows, rejoin_s
+        self.max_queued_rows = max_queued_rows
+        # rows of each model that one batch may hold: max_rows, and as many as kv_bytes of KV cache allow
+        self.batch_rows = {name: max(1, min(max_rows, int(kv_bytes // kv_bytes_per_row(served))))
+                           if kv_bytes is not None else max_rows for name, served in models.items()}
         self.last_rows = 0  # rows of the last batch: how many clients may be about to come back
         self.queue: queue.Queue[Row] = queue.Queue()
         self.pending: list[Row] = []
         self.lock = threading.Lock()
         self.active = 0  # rows submitted and not finished (queued ones included)
-        self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "tokens": 0}
+        self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "tokens": 0, "cancelled_rows": 0,
+                      "refused_busy": 0}
         self.thread = threading.Thread(target=self.run, name="xlab-serve-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, rows: list[Row]) -> None:
+        """Queue a request's rows, all or none: QueueFull when they would pass max_queued_rows."""
         with self.lock:
+            if self.max_queued_rows is not None and self.active + len(rows) > self.max_queued_rows:
+                self.stats["refused_busy"] += 1
+                raise QueueFull(f"{self.active} rows are waiting or decoding; this server's limit is "
+                                f"max_queued_rows={self.max_queued_rows}")
             self.active += len(rows)
         for row in rows:
             self.queue.put(row)
 
     def health(self) -> dict:
         with self.lock:
-            return {**self.stats, "active_rows": self.active}
+            return {**self.stats, "active_rows": self.active, "batch_rows_limit": self.batch_rows}
 
     def run(self) -> None:
         while True:
@@ -147,9 +172,9 @@ class Batcher:
             return []
         first, batch = self.pending[0], [self.pending[0]]
         if first.cfg.name != "beam" and first.max_tokens > 0:
-            max_len = self.models[first.model].model.max_len
+            max_len, rows = self.models[first.model].model.max_len, self.batch_rows[first.model]
             for row in self.pending[1:]:
-                if len(batch) >= self.max_rows:
+                if len(batch) >= rows:
                     break
                 candidate = [*batch, row]
                 width = 1 + max(len(r.ids) for r in candidate)
@@ -225,6 +250,7 @@ class Batcher:
         with self.lock:
             self.active -= 1
             self.stats["tokens"] += len(row.tokens)
+            self.stats["cancelled_rows"] += row.cancelled
 
     def finish_beam(self, row: Row, results: list, served: Served) -> None:
         """Beam search yields its sequences at the end: num_return_sequences choices, best first."""

@@ -167,3 +167,18 @@ def load_training_state(accelerator: Accelerator, path: str | Path, config: dict
         if config is not None and accelerator.is_main_process and (changes := optimizer_changes(ckpt, config)):
             log.info("resume: %s applied", ", ".join(changes))
     return state
+
+
+def keys_the_checkpoint_lacks(ckpt: str | Path, config: dict) -> list[str]:
+    """The config keys (dotted) a checkpoint's config.yaml does not record because it was written before they
+    existed: a resume fills them with today's defaults, which the log says (one line)."""
+
+    def flat(node: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in node.items():
+            keys |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        return keys
+
+    saved = flat(Checkpoint.of(ckpt).config)
+    return sorted(k for k in flat(config) if k not in saved and not any(k.startswith(s + ".") for s in saved))
+

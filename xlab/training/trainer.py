@@ -54,7 +54,7 @@ from xlab.training.interval import IntervalMetrics
 from xlab.training.loggers import MetricsFile, check_logger_config, flat_config, tracker_init_kwargs, tracker_run_ids
 from xlab.training.mfu import mfu, peak_flops
 from xlab.training.optimizers import OPTIMIZERS, check_optimizer_config
-from xlab.training.resume import load_training_state
+from xlab.training.resume import keys_the_checkpoint_lacks, load_training_state
 from xlab.training.rundir import check_run_dir, clear_run_dir
 from xlab.training.schedulers import SCHEDULERS, build_scheduler, check_scheduler_config
 from xlab.training.state import TrainState
@@ -163,6 +163,12 @@ def regularize_small_data(cfg: TrainConfig, epochs: float) -> list[str]:
             setattr(node, name, floor)
             changed.append(f"{key}={floor}")
     return changed
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -336,6 +342,9 @@ class Trainer:
                 log.warning("%s is missing or points to a missing checkpoint: resuming from the newest complete one",
                             self.checkpointer.root / "last")
             log.info("resumed from %s at step %d", path, self.state.step)
+            if lacking := keys_the_checkpoint_lacks(path, self.config_dict):
+                log.warning("resume: %s's config.yaml predates %d key(s), so today's defaults fill them: %s", path,
+                            len(lacking), ", ".join(f"{k}={_lookup(self.config_dict, k)!r}" for k in lacking))
 
     def _start_logging(self) -> None:
         if self.cfg.logger.trackers:
