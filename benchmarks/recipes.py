@@ -43,6 +43,9 @@ GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", 
                 "scheduler.min_lr_ratio=0.1", "trainer.small_data_regularization=false"]
 RECIPES = {  # name -> train overrides; None steps = as many as the budget allows
     "nanogpt": (None, None),  # not XLab: nanoGPT's README CPU recipe (NANOGPT, nanogpt_run); --budget only
+    # narrower models for short budgets: the default (4x256, 5.3M parameters) sees ~2M tokens in 300 s here
+    "d128": (["model.d_model=128"], None),
+    "d192": (["model.d_model=192", "model.n_head=3"], None),
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
     "default": ([], None),  # whatever `python -m xlab.train` does today

@@ -60,7 +60,7 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True
             preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m xlab.<module> *args`. Suite-wide rule: a CLI prints no traceback, however it ends, unless the
     environment asks for one (XLAB_DEBUG=1 or HYDRA_FULL_ERROR=1): bad input gets one `error:` line, and a
-    traceback anywhere else is a bug (README, Errors)."""
+    traceback anywhere else is a bug (docs/reliability.md, Errors)."""
     env = os.environ.copy()
     proc = subprocess.run(
         [sys.executable, "-m", f"xlab.{module}", *args], cwd=cwd or REPO, capture_output=True, text=True,

@@ -142,7 +142,7 @@ def test_for_inference_names_the_valid_dtypes():
         for_inference(tiny(), "int4")
 
 
-AGREEMENT = 0.95  # the floor README states; on this checkpoint both measured 192/192 (2026-12-03)
+AGREEMENT = 0.95  # the floor docs/generation.md states; on this checkpoint both measured 192/192 (2026-12-03)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])

@@ -123,7 +123,7 @@ def test_page_streams_tokens_and_shows_their_alternatives(server, tmp_path: Path
         page.wait_for_selector("#tip table.alts")
         assert page.locator("#tip table.alts tr").count() == 5
         assert "p=" in page.inner_text("#tip")
-        shot = Path(os.environ.get("XLAB_SCREENSHOT") or tmp_path / "serve.png")  # README's docs/serve.png
+        shot = Path(os.environ.get("XLAB_SCREENSHOT") or tmp_path / "serve.png")  # docs/serving.md's serve.png
         page.screenshot(path=str(shot))
         browser.close()
     assert shot.stat().st_size > 10_000

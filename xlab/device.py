@@ -36,8 +36,9 @@ def cpu_has_fast_bf16() -> bool:
 
 def auto_precision(device: torch.device) -> Precision:
     """The one meaning of `precision=auto` (and decoding's `dtype=auto`), for training, evaluation, generation and
-    serving alike: bf16 where the device computes it fast (CUDA GPUs with bf16; CPUs with AMX or AVX512-BF16, where
-    batch-1 decoding is faster in bf16 too: BENCHMARKS.md, decoding), fp16 on CUDA GPUs without bf16, else fp32."""
+    serving alike: bf16 where the device computes it fast (CUDA GPUs with bf16; CPUs with AMX or AVX512-BF16), fp16
+    on CUDA GPUs without bf16, else fp32. Decoding one stream at a time on the AMX VM is the exception where fp32 is
+    faster (BENCHMARKS.md, Decoding); one rule keeps every command's numbers comparable, and dtype= overrides it."""
     if device.type == "cuda":
         return Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
     if device.type == "cpu" and cpu_has_fast_bf16():

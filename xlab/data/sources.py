@@ -219,6 +219,6 @@ def files_fingerprint(files: Sequence[Path]) -> str:
     that keeps size and mtime (`touch -r`, `cp -p`, `rsync -t`): the system sets it on every write, and no tool can
     set it back. It also moves on chmod/chown/rename, which costs one needless re-tokenization. Not seen: an edit
     that keeps the size within the timestamp granularity of a coarse file system (1-2 s on FAT or some network
-    mounts) after the corpus was prepared; remove the token cache entry then (README, Data at scale)."""
+    mounts) after the corpus was prepared; remove the token cache entry then (docs/data.md)."""
     stats = [(str(f.resolve()), f.stat()) for f in files]
     return fingerprint([(path, s.st_size, s.st_ino, s.st_mtime_ns, s.st_ctime_ns) for path, s in stats])

@@ -29,7 +29,7 @@ class InferenceDtype(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
-    int8 = "int8"  # weight-only int8, bf16 activations: a quarter of fp32's bytes read per token; lossy (README)
+    int8 = "int8"  # weight-only int8, bf16 activations: a quarter of the bytes per token; lossy (docs/generation.md)
 
 
 class CacheKind(Choice):

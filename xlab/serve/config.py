@@ -27,7 +27,7 @@ class ServeConfig(Schema):
     batch_window_ms: float = 5.0  # how long the worker waits for more requests after the first (xlab/serve/batcher.py)
     batch_rejoin_ms: float = 50.0  # at most this long more while fewer rows wait than the last batch decoded
     max_batch_rows: int = 32  # rows decoded together at most
-    # Bounds (README, Serving: each answered with a 4xx naming it, or 503 + Retry-After when the queue is full)
+    # Bounds (docs/serving.md: each answered with a 4xx naming it, or 503 + Retry-After when the queue is full)
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     max_body_bytes: int = 1048576  # larger request bodies get 413
     max_request_rows: int = 64  # sequences one request decodes: prompts x n (x num_beams for beam search)
