@@ -443,7 +443,9 @@ class Trainer:
         self.metrics.end_step(dropped, grad_norm, self.tokens_per_step, self.tokens_per_step * self.world)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step * self.world
-        if timed and self.device.type == "cuda":
+        if not timed:  # the hot path: no clock, no device sync
+            return
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         if self.first_step:  # the compile happens in this process's first step: its cost, once
