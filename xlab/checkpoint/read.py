@@ -44,10 +44,6 @@ class Checkpoint(PathLike):
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
     def file(self, name: str | Path) -> Path:
         """A file of the checkpoint, refused if a link leads it out of the directory."""
         return contained(self.path, name)

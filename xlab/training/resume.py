@@ -43,8 +43,9 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
     optimizer.* settings included, which load_training_state puts back over the checkpoint's param groups and logs.)
     Then the state files are checked, so that xlab.train refuses a damaged checkpoint before Hydra writes into the
     run dir."""
-    ckpt = resolve_checkpoint(ckpt)
-    saved = to_container(OmegaConf.structured(Checkpoint.of(ckpt).section("model", ModelConfig)))
+    checkpoint = Checkpoint.of(ckpt)  # resolved once: its path below, its config.yaml here
+    ckpt = checkpoint.path
+    saved = to_container(OmegaConf.structured(checkpoint.section("model", ModelConfig)))
     diffs = [f"model.{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in config["model"].items()
              if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
     if diffs:
