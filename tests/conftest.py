@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,3 +122,35 @@ def tiny_config(**trainer):
     cfg.trainer.update(**{"precision": "fp32", "eval_batches": 2, "log_every": 2, "eval_every": 4,
                           "ckpt_every": 1000, "max_steps": 8, **trainer})
     return cfg
+
+
+def free_port() -> int:
+    """A TCP port free now (the OS's pick): for servers and rendezvous that must not share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_nodes(commands: list[list[str]], envs: list[dict], cwd: Path | None = None) -> list[str]:
+    """Start one process per "node" at once (each waits at the rendezvous for the other); their outputs."""
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+             for cmd, env, log in zip(commands, envs, logs)]
+    deadline = time.monotonic() + 300
+    # one node that fails leaves the other waiting at the rendezvous: stop it and report the failure at once
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    outs = []
+    for log in logs:
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, f"node exited {p.returncode}:\n{out}\nthe other nodes:\n" + "\n".join(outs)
+    return outs

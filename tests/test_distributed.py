@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, free_port, launch_nodes, run_cli
 from safetensors.torch import load_file
 
 STEPS = 24
@@ -228,24 +228,6 @@ def test_a_checkpoint_resumes_only_under_its_strategy(fsdp_run, ddp_run, tmp_pat
         assert not (tmp_path / strategy / "checkpoints").exists()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_nodes(commands: list[list[str]], envs: list[dict], cwd: Path | None = None) -> list[str]:
-    """Start one process per "node" at once (each waits at the rendezvous for the other); their outputs."""
-    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd, env in zip(commands, envs)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
-    return outs
-
-
 def test_two_nodes_on_one_machine_are_one_run_and_resume(ddp_run, tmp_path: Path):
     """Two torchrun launches as node 0 and node 1 (c10d rendezvous on 127.0.0.1, one rank each): one run dir, one
     metrics file, one checkpoint writer; 16 steps, then resume=auto to 24: the curve of one 2-process launch."""
@@ -278,6 +260,7 @@ def test_slurm_tasks_are_one_distributed_run(ddp_run, tmp_path: Path):
     that are this machine give the curve of one 2-process launch."""
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(30000 + os.getpid() % 20000), "SLURM_NTASKS": "2",
              "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,localhost", "SLURM_LOCALID": "0"}
+    slurm["MASTER_PORT"] = str(free_port())  # not the port drawn from the job id: it may be taken on a busy machine
     envs = [{**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)} for rank in (0, 1)]
     cmd = [sys.executable, "-m", "xlab.train", *TWO_RANKS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"]
     outs = launch_nodes([cmd, cmd], envs)
@@ -285,3 +268,19 @@ def test_slurm_tasks_are_one_distributed_run(ddp_run, tmp_path: Path):
     for key in ("train/loss", "val/loss"):
         ours, ref = records(tmp_path, key), [r for r in records(ddp_run[0], key) if r["step"] <= 8]
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], abs=1e-5) and ours
+
+
+def test_a_taken_master_port_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Rank 0 must listen on MASTER_PORT; another program holding it is named in one line, not a traceback."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, value)
+        proc = run_cli("train", *TINY, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and f"MASTER_PORT={port} is in use" in errors[0], proc.stderr

@@ -18,16 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRACEBACK, run_cli
+from conftest import REPO, TRACEBACK, free_port, run_cli
 
 FIXTURE = REPO / "tests" / "fixtures" / "ckpt_435677f" / "step_000003"  # max_len 32, vocab 300
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url: str) -> dict:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRACEBACK
-from test_serve import FIXTURE, free_port, get, post
+from conftest import REPO, TRACEBACK, free_port
+from test_serve import FIXTURE, get, post
 
 LOAD_SECONDS = float(os.environ.get("XLAB_LOAD_SECONDS", "60"))
 CLIENTS = 64

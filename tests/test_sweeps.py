@@ -8,12 +8,11 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, free_port, launch_nodes, run_cli
 from omegaconf import OmegaConf
 
 SWEEP_TINY = [arg for arg in TINY if not arg.startswith("model.n_layer=")] + [
@@ -97,8 +96,9 @@ def test_optuna_search_minimises_the_returned_val_loss(tmp_path: Path):
     assert sorted(t.value for t in study.trials) == sorted(float(r["val_loss"]) for r in rows)
 
 
-def test_submitit_local_job_of_two_tasks_is_one_distributed_run(tmp_path: Path):
+def test_submitit_local_job_of_two_tasks_is_one_distributed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sweep = tmp_path / "submitit"
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # not the port drawn from the job id: it may be taken
     run_cli("train", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "model.n_layer=1",
             *SWEEP_TINY, f"hydra.sweep.dir={sweep}")
     check_summary(sweep, 1)
@@ -135,16 +135,14 @@ def test_sbatch_script_on_two_nodes_is_one_run_in_a_fixed_run_dir(tmp_path: Path
     (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drops --kill-on-bad-exit=1
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    job = str(4000 + os.getpid() % 1000)  # the script's port is 20000 + job id: no clash with a concurrent test
+    job, port = str(4000 + os.getpid() % 1000), free_port()  # the script's default port is 20000 + job id
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "xlab",
+           "MASTER_PORT": str(port),
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,node2", "GPUS_PER_NODE": "1",
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), *SWEEP_TINY], cwd=tmp_path,
-                              env={**env, "SLURM_NODEID": str(node)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert all(f"2 nodes x 1 GPUs, rendezvous localhost:{20000 + int(job)}, run dir outputs/slurm/xlab-{job}" in out
+    outs = launch_nodes([["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), *SWEEP_TINY]] * 2,
+                        [{**env, "SLURM_NODEID": str(node)} for node in (0, 1)], cwd=tmp_path)
+    assert all(f"2 nodes x 1 GPUs, rendezvous localhost:{port}, run dir outputs/slurm/xlab-{job}" in out
                for out in outs)
     run = tmp_path / "outputs" / "slurm" / f"xlab-{job}"
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.jsonl")] == [run.relative_to(tmp_path) /

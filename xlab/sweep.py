@@ -110,8 +110,9 @@ class SweepSummary(Callback):
 class SubmititDistributedEnv(Callback):
     """Hydra callback (configs/train.yaml): a submitit job (hydra/launcher=slurm|local) with several tasks is one
     distributed training run, one rank per task. submitit starts the tasks but sets none of torch.distributed's
-    variables; this sets them (MASTER_ADDR = the job's first node) before the task runs. Without submitit, or under
-    torchrun / accelerate launch (RANK already set), it does nothing."""
+    variables; this sets them (MASTER_ADDR = the job's first node, MASTER_PORT drawn from the job id, unless the job's
+    environment gives them) before the task runs. Without submitit, or under torchrun / accelerate launch (RANK
+    already set), it does nothing."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
@@ -119,8 +120,11 @@ class SubmititDistributedEnv(Callback):
         import submitit  # the optional `sweep` extra
 
         if submitit.JobEnvironment().num_tasks > 1:
-            # keep every GPU visible: Accelerate picks cuda:LOCAL_RANK itself
-            env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            env = submitit.helpers.TorchDistributedEnvironment()  # honours a MASTER_PORT the job was given
+            env.master_addr = os.environ.get("MASTER_ADDR", env.master_addr)
+            # overwrite: a given MASTER_ADDR/PORT is kept (above), and RANK is unset here; keep every GPU visible:
+            # Accelerate picks cuda:LOCAL_RANK itself
+            env.export(set_cuda_visible_devices=False, overwrite=True)
             log.info("submitit task %d of %d: torch.distributed via %s:%d", env.rank, env.world_size,
                      env.master_addr, env.master_port)
 

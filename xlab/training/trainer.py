@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
@@ -128,8 +129,19 @@ def as_train_config(cfg: TrainConfig | DictConfig) -> tuple[TrainConfig, Any]:
 
 
 def build_accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision) -> Accelerator:
-    t = cfg.trainer
     trackers = [str(name) for name in cfg.logger.trackers]  # Accelerate's tracker names
+    try:
+        return _accelerator(cfg, run_dir, precision, trackers)
+    except torch.distributed.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        raise XLabError(f"MASTER_PORT={port} is in use on {addr}: rank 0 cannot listen there; set MASTER_PORT to a "
+                        "free port (torchrun: --master-port or --rdzv-endpoint)") from None
+
+
+def _accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision, trackers: list[str]) -> Accelerator:
+    t = cfg.trainer
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # with no CUDA every rank must still join the process group on CPU
         mixed_precision=accelerate_precision(precision),
