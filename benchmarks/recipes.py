@@ -46,6 +46,18 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     # narrower models for short budgets: the default (4x256, 5.3M parameters) sees ~2M tokens in 300 s here
     "d128": (["model.d_model=128"], None),
     "d192": (["model.d_model=192", "model.n_head=3"], None),
+    "d128_lr6e3": (["model.d_model=128", "optimizer.lr=6e-3"], None),
+    "d128_b8": (["model.d_model=128", "trainer.batch_size=8"], None),
+    "d128_muon": (["model.d_model=128", "optimizer=muon", "optimizer.adam_lr=6e-3", "optimizer.weight_decay=0.1"],
+                  None),
+    "d128_l6": (["model.d_model=128", "model.n_layer=6"], None),
+    "d128_l3": (["model.d_model=128", "model.n_layer=3"], None),
+    "d128_reg": (["model.d_model=128", "model.dropout=0.1", "optimizer.weight_decay=2.0"], None),
+    "d128_noreg": (["model.d_model=128", "trainer.small_data_regularization=false"], None),
+    "d128_b32": (["model.d_model=128", "trainer.batch_size=32"], None),
+    "d128_tied": (["model.d_model=128", "model.tie_embeddings=true"], None),
+    "d128_wd2": (["model.d_model=128", "optimizer.weight_decay=2.0"], None),
+    "d128_c128": (["model.d_model=128", "model.max_len=128", "trainer.batch_size=32"], None),
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
     "default": ([], None),  # whatever `python -m xlab.train` does today

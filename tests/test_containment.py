@@ -66,6 +66,46 @@ def test_a_symlink_out_of_the_checkpoint_is_refused(name: str, module: str, args
     assert not any(p.name.startswith("eval_") for p in ckpt.iterdir())
 
 
+@pytest.mark.parametrize(("name", "module", "args"), [
+    ("tokenizer.json", "export", []),
+    ("model.safetensors", "generate", ["prompt=x"]),
+])
+def test_a_hard_link_with_a_name_outside_the_checkpoint_is_refused(name: str, module: str, args: list, ckpt: Path):
+    """A hard link is a second name of the same file: one outside the checkpoint (a planted link to a file elsewhere)
+    is refused; the file's names inside the checkpoint are counted, so a copy kept there as a link would pass."""
+    outside = ckpt.parent / "outside" / name
+    shutil.move(ckpt / name, outside)
+    os.link(outside, ckpt / name)
+    out = ckpt.parent / "export"
+    line = refused(module, f"ckpt={ckpt}", *args, *([f"out={out}"] if module == "export" else []),
+                   expect="hard link")
+    assert f"{ckpt / name}" in line and "outside" in line and not out.exists()
+    outside.unlink()  # now both names are inside: read as usual
+    os.link(ckpt / name, ckpt / f"{name}.bak")
+    run_cli(module, f"ckpt={ckpt}", *args, *([f"out={out}"] if module == "export" else []))
+
+
+def test_a_link_swapped_in_after_the_check_is_refused_on_the_opened_file(ckpt: Path, monkeypatch: pytest.MonkeyPatch):
+    """The check-then-open race: the name is checked, then replaced by a link out before the open. opened_inside
+    checks the file it actually opened (its /proc/self/fd link), so the swap is refused."""
+    from xlab import fsio
+    from xlab.errors import XLabError
+
+    outside = ckpt.parent / "outside" / "state.json"
+    outside.write_text("{}")
+    checked = fsio.contained
+
+    def check_then_swap(directory, name):  # the check passes on the real file; the attacker swaps it right after
+        path = checked(directory, name)
+        (ckpt / "state.json").unlink()
+        (ckpt / "state.json").symlink_to(outside)
+        return path
+
+    monkeypatch.setattr(fsio, "contained", check_then_swap)
+    with pytest.raises(XLabError, match="outside"), fsio.opened_inside(ckpt, "state.json") as opened:
+        opened.read_text()
+
+
 def test_links_inside_the_checkpoint_are_followed(ckpt: Path):
     (ckpt / "tokenizer.json").rename(ckpt / "tokenizer_copy.json")
     (ckpt / "tokenizer.json").symlink_to("tokenizer_copy.json")

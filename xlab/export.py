@@ -18,6 +18,7 @@ from xlab.cli import hydra_app
 from xlab.data.config import DataConfig, TokenizerConfig
 from xlab.data.tokenizer import load_tokenizer
 from xlab.errors import XLabError, check_writable_dir
+from xlab.fsio import opened_inside
 from xlab.models.config import ModelConfig
 from xlab.schema import Choice, Schema
 
@@ -46,7 +47,8 @@ def export_checkpoint(path: str | Path | Checkpoint, out: str | Path) -> Path:
         raise XLabError(f"export directory {str(out)!r} exists and is not empty; choose another out=")
     out.mkdir(parents=True, exist_ok=True)
     for name in EXPORT_FILES:
-        shutil.copyfile(ckpt.file(name), out / name)
+        with opened_inside(ckpt.path, name) as src:
+            shutil.copyfile(src, out / name)
     return out
 
 

@@ -92,16 +92,58 @@ def _umask() -> int:
 
 def contained(directory: str | Path, name: str | Path) -> Path:
     """The real path of `directory/name`, or a one-line error when a symlink on the way leads out of `directory` (a
-    directory given to read is read, not whatever a link planted in it points at). Links inside it are fine."""
+    directory given to read is read, not whatever a link planted in it points at) or the file is a hard link with
+    names outside it. Links inside it are fine. For a read done at once, `opened_inside` also closes the race between
+    this check and the open."""
     root = Path(directory).resolve()
     try:
         real = (root / name).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
         raise XLabError(f"cannot resolve {root / name}: {exc}") from None
-    if not real.is_relative_to(root):
-        raise XLabError(f"refusing to read {root / name}: it is a symlink to {real}, outside {root}; copy the file "
-                        "into the directory instead")
+    _check_inside(root, root / name, real)
+    with contextlib.suppress(OSError):  # a missing file: its reader says so
+        _check_hard_links(root, real, real.stat())
     return real
+
+
+def _check_inside(root: Path, given: Path, real: Path) -> None:
+    if not real.is_relative_to(root):
+        raise XLabError(f"refusing to read {given}: it is a symlink to {real}, outside {root}; copy the file into the "
+                        "directory instead")
+
+
+def _check_hard_links(root: Path, real: Path, st: os.stat_result) -> None:
+    """A regular file with more names (st_nlink) than `root` holds has one elsewhere: a hard link is another way in."""
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        return
+    inside = 0
+    for base, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                other = os.stat(os.path.join(base, name), follow_symlinks=False)
+                inside += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+    if inside < st.st_nlink:
+        raise XLabError(f"refusing to read {real}: it is a hard link with {st.st_nlink - inside} name(s) outside "
+                        f"{root}; copy the file into the directory instead")
+
+
+@contextlib.contextmanager
+def opened_inside(directory: str | Path, name: str | Path) -> Iterator[Path]:
+    """`directory/name` opened first and checked after (`contained`'s rules, on the file actually opened, so a link
+    swapped in between the check and the read cannot redirect it); yields a path that reads that open file
+    (/proc/self/fd/N on Linux, where readers that take a path are given one; elsewhere the checked path)."""
+    root = Path(directory).resolve()
+    path = contained(root, name)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        proc, real = Path(f"/proc/self/fd/{fd}"), path
+        if proc.is_symlink():  # Linux: what the descriptor really is
+            real = Path(os.readlink(proc))
+            _check_inside(root, root / name, real)
+        _check_hard_links(root, real, os.fstat(fd))
+        yield proc if proc.is_symlink() else path
+    finally:
+        os.close(fd)
 
 
 def publish_dir(tmp: str | Path, final: str | Path, replace: bool = False) -> bool:

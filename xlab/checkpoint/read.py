@@ -16,7 +16,7 @@ from safetensors.torch import load_model as load_safetensors
 
 from xlab.checkpoint.layout import CONFIG, WEIGHTS, resolve_checkpoint
 from xlab.errors import XLabError
-from xlab.fsio import contained
+from xlab.fsio import contained, opened_inside
 
 
 class Checkpoint(PathLike):
@@ -52,9 +52,12 @@ class Checkpoint(PathLike):
     def config(self) -> dict[str, Any]:
         """config.yaml as a dict (read once), or one line saying why it cannot be read."""
         if self._config is None:
-            file = self.file(CONFIG)
+            file = self.path / CONFIG
             try:
-                config = OmegaConf.to_container(OmegaConf.load(file))
+                with opened_inside(self.path, CONFIG) as opened:
+                    config = OmegaConf.to_container(OmegaConf.load(opened))
+            except XLabError:
+                raise
             except Exception as exc:  # OSError, YAML and OmegaConf errors alike: the file is damaged
                 reason = " ".join(str(exc).split())  # YAML errors span several lines
                 raise XLabError(f"cannot read {file}: {reason}") from None
@@ -77,9 +80,9 @@ class Checkpoint(PathLike):
 
     def vocab_rows(self) -> int:
         """Rows of the token embedding stored in the weights (read from the header, no tensor loaded)."""
-        weights = self.file(WEIGHTS)
+        weights = self.path / WEIGHTS
         try:
-            with safe_open(str(weights), framework="pt") as f:
+            with opened_inside(self.path, WEIGHTS) as opened, safe_open(str(opened), framework="pt") as f:
                 # Tied embeddings are stored once, under either name.
                 name = "tok_emb.weight" if "tok_emb.weight" in f.keys() else "lm_head.weight"
                 return f.get_slice(name).get_shape()[0]
@@ -90,7 +93,8 @@ class Checkpoint(PathLike):
         """Load model.safetensors into `model` (safetensors: no code runs), or a one-line error naming the first
         tensor that does not fit."""
         try:
-            load_safetensors(model, str(self.file(WEIGHTS)), device=device)
+            with opened_inside(self.path, WEIGHTS) as opened:
+                load_safetensors(model, str(opened), device=device)
         except RuntimeError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             reason = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, not the generic header

@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import load
 
 from xlab.errors import XLabError
-from xlab.fsio import contained
+from xlab.fsio import opened_inside
 
 log = logging.getLogger("xlab.checkpoint")
 
@@ -37,8 +37,9 @@ def _first_line(exc: BaseException) -> str:
     return (said or lines or [type(exc).__name__])[0]
 
 
-def load_plain(file: Path, hint: str = "") -> Any:
-    """torch.load(weights_only=True) of one state file, or a one-line refusal naming it."""
+def load_plain(file: Path, hint: str = "", shown: Path | None = None) -> Any:
+    """torch.load(weights_only=True) of one state file, or a one-line refusal naming it (as `shown`, if given: the
+    name of a file opened as /proc/self/fd/N)."""
     try:
         try:
             return load(str(file), map_location="cpu", mmap=True)  # Accelerate's safe globals (numpy arrays)
@@ -49,8 +50,8 @@ def load_plain(file: Path, hint: str = "") -> Any:
     except Exception as exc:  # whatever fails, the file cannot be trusted: unpickling refused, truncated, not a zip
         plain = not isinstance(exc, pickle.UnpicklingError)
         kind = "is damaged or truncated" if plain else "holds objects that are not plain data"
-        raise XLabError(f"refusing to load {file}: it {kind} ({_first_line(exc)}){'; ' + hint if hint else ''}") \
-            from None
+        tail = f"; {hint}" if hint else ""
+        raise XLabError(f"refusing to load {shown or file}: it {kind} ({_first_line(exc)}){tail}") from None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -79,17 +80,19 @@ def check_dcp_dir(directory: Path) -> None:
     would torch.load with weights_only=False) as plain data."""
     from torch.distributed.checkpoint import metadata as dcp_metadata  # 0.5 s of start-up: FSDP runs only
 
-    meta_file = contained(directory, ".metadata")
+    meta_file = directory / ".metadata"
     try:
-        with open(meta_file, "rb") as f:
+        with opened_inside(directory, ".metadata") as opened, open(opened, "rb") as f:
             meta = _MetadataUnpickler(f).load()
         items = [(index, meta.storage_data[index]) for index in meta.storage_data
                  if isinstance(meta.state_dict_metadata.get(index.fqn), dcp_metadata.BytesStorageMetadata)]
+    except XLabError:  # a link out of the directory: said as such
+        raise
     except Exception as exc:
         raise XLabError(f"refusing to load {meta_file}: it is not plain DCP metadata ({_first_line(exc)})") from None
     for index, info in items:
-        shard = contained(directory, info.relative_path)
-        with open(shard, "rb") as f:
+        shard = directory / info.relative_path
+        with opened_inside(directory, info.relative_path) as opened, open(opened, "rb") as f:
             f.seek(info.offset)
             item = io.BytesIO(f.read(info.length))
         try:
@@ -153,7 +156,8 @@ def rank_rng_states(ckpt: Path, rank: int, world: int) -> dict | None:
         log.warning("rank %d: %s has no RNG state for this rank (saved by %d processes); it starts from the seed",
                     rank, ckpt, world)
         return None
-    states = load_plain(contained(ckpt, file.name), RNG_ESCAPE)
+    with opened_inside(ckpt, file.name) as opened:
+        states = load_plain(opened, RNG_ESCAPE, shown=file)
     _check_rng_states(states, file)
     return states
 

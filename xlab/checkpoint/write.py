@@ -19,7 +19,7 @@ from safetensors.torch import save_file, save_model
 
 from xlab.checkpoint.layout import CONFIG, STATE, TOKENIZER, WEIGHTS
 from xlab.errors import XLabError
-from xlab.fsio import contained, publish_dir, publish_symlink
+from xlab.fsio import opened_inside, publish_dir, publish_symlink
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -140,7 +140,8 @@ def _load_hook(accelerator: Accelerator):
         for model in models:  # an FSDP model is not Accelerate's: xlab.training.parallel.ShardedState loads it
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # not "cpu:0"
-            load_safetensors(unwrapped, str(contained(input_dir, WEIGHTS)), device=device)
+            with opened_inside(input_dir, WEIGHTS) as opened:
+                load_safetensors(unwrapped, str(opened), device=device)
         models.clear()
 
     return load_hook

@@ -21,6 +21,7 @@ from xlab.checkpoint.layout import TOKENIZER
 from xlab.checkpoint.read import Checkpoint
 from xlab.data.config import TokenizerConfig
 from xlab.errors import XLabError
+from xlab.fsio import opened_inside
 from xlab.registry import Registry
 
 Trainer = Callable[[Iterator[str], TokenizerConfig], Tokenizer]
@@ -202,9 +203,10 @@ def load_tokenizer(path: str | Path | Checkpoint) -> XLabTokenizer:
     """A checkpoint's tokenizer, or a one-line error when it cannot be read, lacks the config's special tokens or
     has ids beyond the weights' embedding rows (a tokenizer.json of another run)."""
     ckpt = Checkpoint.of(path)
-    file = ckpt.file(TOKENIZER)
+    file = ckpt / TOKENIZER
     try:
-        tokenizer = XLabTokenizer.from_file(file, ckpt.section("tokenizer", TokenizerConfig))
+        with opened_inside(ckpt.path, TOKENIZER) as opened:
+            tokenizer = XLabTokenizer.from_file(opened, ckpt.section("tokenizer", TokenizerConfig))
     except XLabError:
         raise
     except Exception as exc:  # the tokenizers library raises plain Exceptions for a damaged file

@@ -19,7 +19,7 @@ from xlab.checkpoint.layout import SHARDED_DIR, STATE, resolve_checkpoint
 from xlab.checkpoint.read import Checkpoint
 from xlab.checkpoint.write import ShardedState
 from xlab.errors import XLabError
-from xlab.fsio import contained
+from xlab.fsio import opened_inside
 from xlab.models.config import ModelConfig
 from xlab.schema import to_container
 from xlab.training.state import TrainState
@@ -70,7 +70,8 @@ def read_state(ckpt: Path) -> dict:
     if not (ckpt / STATE).is_file():
         raise XLabError(f"{str(ckpt)!r} is an export, not a training checkpoint: it has no {STATE} to resume from")
     try:
-        state = json.loads(contained(ckpt, STATE).read_text(encoding="utf-8"))
+        with opened_inside(ckpt, STATE) as opened:
+            state = json.loads(opened.read_text(encoding="utf-8"))
         TrainState().load_state_dict(state)  # every key it needs, of the right type
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise XLabError(f"cannot resume from {ckpt}: {STATE} is damaged ({type(exc).__name__}: {exc})") from None
