@@ -39,7 +39,7 @@ CORPORA = {  # name -> data overrides
     "manual": ["data=text_files", f"data.data_files={CORPORA_DIR / 'manual.jsonl'}"],
 }
 # the default of commit 435677f: GPT-2 block 4x256, ctx 256, AdamW 3e-3, cosine, no regularisation
-GPT2_435677F = ["model=gpt", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", "scheduler=cosine",
+GPT2_435677F = ["model=gpt", "model.d_model=256", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", "scheduler=cosine",
                 "scheduler.min_lr_ratio=0.1", "trainer.small_data_regularization=false"]
 RECIPES = {  # name -> train overrides; None steps = as many as the budget allows
     "nanogpt": (None, None),  # not XLab: nanoGPT's README CPU recipe (NANOGPT, nanogpt_run); --budget only
@@ -57,6 +57,9 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "d128_b32": (["model.d_model=128", "trainer.batch_size=32"], None),
     "d128_tied": (["model.d_model=128", "model.tie_embeddings=true"], None),
     "d128_wd2": (["model.d_model=128", "optimizer.weight_decay=2.0"], None),
+    "d128_wd2only": (["model.d_model=128", "trainer.small_data_regularization=false", "optimizer.weight_decay=2.0"],
+                     None),
+    "d128_rdrop": (["model.d_model=128", "model.attn_dropout=0.0"], None),  # the rule's dropout, residual stream only
     "d128_c128": (["model.d_model=128", "model.max_len=128", "trainer.batch_size=32"], None),
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),

@@ -80,7 +80,7 @@ def ckpt(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 TRAIN_CASES = [
     (["model=gtp"], "Could not find 'model/gtp'; valid:"),
     (["trainer.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
-    (["model.n_head=3"], "model.n_head=3 must divide model.d_model=256"),
+    (["model.n_head=3"], "model.n_head=3 must divide model.d_model=128"),
     (["tokenizer.vocab_size=100"], "tokenizer.vocab_size=100 is too small; it must be >= 260"),
     (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
     (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001 must be > 0"),

@@ -3,6 +3,7 @@ config.yaml once per run: every loader takes the one `Checkpoint` object (xlab/c
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +21,8 @@ def test_generate_resolves_and_reads_its_checkpoint_once(extra: list[str], tiny_
     walks, parses = [], []
     walk, load = layout.check_links, OmegaConf.load
     monkeypatch.setattr(layout, "check_links", lambda path: (walks.append(path), walk(path))[1])
-    def spy(file):  # a path, or an open file (Hydra's own configs)
-        parses.append(Path(file if isinstance(file, str | Path) else file.name))
+    def spy(file):  # a path (XLab's reads: /proc/self/fd/N of the opened file), or an open file (Hydra's configs)
+        parses.append(Path(os.path.realpath(file)) if isinstance(file, str | Path) else Path(file.name))
         return load(file)
 
     monkeypatch.setattr(OmegaConf, "load", spy)

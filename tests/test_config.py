@@ -71,7 +71,7 @@ def test_registry_unknown_name_lists_valid_names():
         (["trainer.precision=fp8"], "expected one of [auto, fp32, bf16, fp16]"),
         (["model.norm=batchnorm"], "unknown norm 'batchnorm'; valid: layernorm"),
         (["optimizer.name=adamx"], "unknown optimizer 'adamx'; valid: adamw"),
-        (["model.n_head=3"], "model.n_head=3 must divide model.d_model=256"),
+        (["model.n_head=3"], "model.n_head=3 must divide model.d_model=128"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
         (["trainer.batch_size=0"], "trainer.batch_size=0 must be >= 1"),
         (["trainer.strategy=zero3"], "trainer.strategy=zero3 Invalid value 'zero3', expected one of [ddp, fsdp]"),

@@ -41,7 +41,9 @@ class ModelConfig(Schema):
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None  # key/value heads (GQA); None = n_head, 1 = multi-query attention
-    d_model: int = 256
+    # 128, not 256: at the quick run's length (~5 min on 2 CPU cores) the narrower model sees 2.5x the tokens and won
+    # on every corpus of the equal-time benchmark (BENCHMARKS.md, recipes); 4x256 is compute-starved there
+    d_model: int = 128
     max_len: int = 256  # context length in tokens
     pos_emb: str = "rope"  # learned | rope | none
     rope_theta: float = 10000.0

@@ -83,7 +83,8 @@ class SchedulerConfig(Schema):
 class TrainerConfig(Schema):
     """See xlab/training/trainer.py."""
 
-    max_steps: int = 1000  # ~5 min on a 2-core CPU for the default on pydocs (longer where small data adds dropout)
+    max_steps: int = 1500  # ~5 min of steps on a 2-core CPU for the default on pydocs (longer where small data adds
+                           # dropout)
     batch_size: int = 16  # sequences per device per micro-step
     grad_accum_steps: int = 1
     precision: Precision = Precision.auto
