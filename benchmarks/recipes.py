@@ -60,6 +60,7 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "d128_wd2only": (["model.d_model=128", "trainer.small_data_regularization=false", "optimizer.weight_decay=2.0"],
                      None),
     "d128_rdrop": (["model.d_model=128", "model.attn_dropout=0.0"], None),  # the rule's dropout, residual stream only
+    "d128_ema": (["model.d_model=128", "trainer.ema_decay=0.99"], None),
     "d128_c128": (["model.d_model=128", "model.max_len=128", "trainer.batch_size=32"], None),
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),

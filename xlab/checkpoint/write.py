@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -70,7 +71,8 @@ class Checkpointer:
         accelerator.register_save_state_pre_hook(_save_hook(accelerator))
         accelerator.register_load_state_pre_hook(_load_hook(accelerator))
 
-    def save(self, state: dict, name: str | None = None, best: bool = False) -> Path:
+    def save(self, state: dict, name: str | None = None, best: bool = False,
+             extra: Callable[[Path], None] | None = None) -> Path:
         """Write step_<state["step"]> (or `name`: a debug checkpoint that leaves `last` alone) through a temporary
         directory, then point `last` (and, if `best`, `best`) at it and keep only the newest keep_last besides the
         best. A kill at any moment leaves `last` and `best` on complete checkpoints."""
@@ -89,6 +91,8 @@ class Checkpointer:
                 (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.config))
                 shutil.copyfile(self.tokenizer_path, tmp / TOKENIZER)
                 (tmp / STATE).write_text(json.dumps(state, indent=2))
+                if extra is not None:  # more files of the checkpoint (trainer.ema_decay: the trained weights)
+                    extra(tmp)
         except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a failed write as RuntimeError
             self._write_failed(tmp, final, exc)
         _test_pause(step, tmp)  # each rank's files written, not yet known to be complete on every rank

@@ -118,6 +118,9 @@ class TrainerConfig(Schema):
     # budget's end; the chosen count is logged and kept in state.json, so resume continues that schedule
     # (xlab/training/budget.py). null: train max_steps steps, the reproducible default
     time_budget_s: float | None = None
+    # An exponential moving average of the weights (e.g. 0.99), the model that is evaluated and saved as
+    # model.safetensors (the trained weights beside it, for resume): xlab/training/ema.py. null: no averaging
+    ema_decay: float | None = None
     max_time_s: float | None = None  # stop (evaluate, save) once fit() has run this long; the schedule still follows
                                      # max_steps. For probes and hard budgets; equal-time comparisons set max_steps
     # Local downstream tasks scored at every evaluation, logged as tasks/<task>/<metric> beside val loss
@@ -136,6 +139,7 @@ class TrainerConfig(Schema):
         "early_stop_patience": Range(1, note="(or null: never stop early)"),
         "max_time_s": Range(0, lo_open=True, note="(or null: no time limit)"),
         "time_budget_s": Range(0, lo_open=True, note="(or null: train max_steps steps)"),
+        "ema_decay": Range(0, 1, lo_open=True, hi_open=True, note="(or null: no weight averaging)"),
         "collective_timeout_s": POSITIVE,
     }
 

@@ -50,6 +50,9 @@ def check_strategy_config(cfg: TrainConfig) -> None:
     if cfg.optimizer.name == "muon":
         raise XLabError("optimizer.name=muon does not run under trainer.strategy=fsdp (its Newton-Schulz step needs "
                         "whole matrices, FSDP gives each rank shards); use optimizer=adamw or trainer.strategy=ddp")
+    if cfg.trainer.ema_decay is not None:
+        raise XLabError(f"trainer.ema_decay={cfg.trainer.ema_decay} does not run under trainer.strategy=fsdp yet (the "
+                        "average would need sharding too); use trainer.ema_decay=null or trainer.strategy=ddp")
     if cfg.trainer.compile == "on":  # auto runs FSDP uncompiled
         raise XLabError("trainer.compile=on is not supported with trainer.strategy=fsdp yet; use "
                         "trainer.compile=auto (off under FSDP) or trainer.strategy=ddp")

@@ -18,6 +18,7 @@ Metrics leave the device only every log_every steps, so steps queue back to back
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -49,6 +50,7 @@ from xlab.schema import Precision, Switch, to_container
 from xlab.training import parallel
 from xlab.training.budget import TimeBudget
 from xlab.training.config import OnNan, Strategy, TrainConfig, TrainerConfig
+from xlab.training.ema import WeightAverage, load_trained_weights
 from xlab.training.estimate import bytes_per_token, epoch_estimate, warn_many_epochs
 from xlab.training.guards import NanGuard, StopRequest
 from xlab.training.interval import IntervalMetrics
@@ -333,7 +335,9 @@ class Trainer:
             self.model, self.optimizer, self.scheduler = model, optimizer, self.accelerator.prepare(scheduler)
         else:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.flops_per_token = self.accelerator.unwrap_model(self.model).flops_per_token()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.flops_per_token = unwrapped.flops_per_token()
+        self.ema = WeightAverage(unwrapped, self.t.ema_decay) if self.t.ema_decay is not None else None
         reduce = self._sum_over_ranks if self.world > 1 else None
         self.nan_guard = NanGuard(self.t.on_nan, self.optimizer, self.device, reduce)
         self.metrics = IntervalMetrics(self.device)
@@ -344,6 +348,11 @@ class Trainer:
             return
         self.state.load_state_dict(load_training_state(self.accelerator, path, self.config_dict, self.sharded,
                                                        self.optimizer, self.scheduler))
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ema is not None:  # model.safetensors held the average; the trained weights lie beside it
+            self.ema.resume(path)
+        elif not self.fsdp:
+            load_trained_weights(unwrapped, path)  # a checkpoint of an ema_decay run, resumed without averaging
         self.sampler.load_state_dict(self.state.sampler)
         self.saved_step = self.state.step
         if self.state.budget_steps is not None:  # the budget's schedule, as chosen before the checkpoint
@@ -455,6 +464,8 @@ class Trainer:
         self.metrics.end_step(dropped, grad_norm, self.tokens_per_step, self.tokens_per_step * self.world)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step * self.world
+        if self.ema is not None:
+            self.ema.update(self.state.step)
         if not timed:  # the hot path: no clock, no device sync
             return
         if self.device.type == "cuda":
@@ -547,14 +558,15 @@ class Trainer:
         size; and whether this is the best val loss so far."""
         windows = self.datamodule.eval_windows("val", self.seq_len, self.t.batch_size, self.t.eval_batches * self.world)
         mine = itertools.islice(windows, self.accelerator.process_index, None, self.world)  # each rank its share
-        result = score_windows(self.model, mine, self.device, self.accelerator.autocast, self._sum_over_ranks,
-                          self.byte_lengths)
+        with self._averaged():
+            result = score_windows(self.model, mine, self.device, self.accelerator.autocast, self._sum_over_ranks,
+                                   self.byte_lengths)
+            tasks = {} if self.task_scorer is None else self.task_scorer.score(
+                self.model, self.device, self.accelerator.autocast, self._sum_over_ranks,
+                self.accelerator.process_index, self.world)
         improved = self.state.observe_val(result["loss"], result["bits_per_byte"])
         record = {"step": self.state.step, "tokens": self.state.tokens, "val/loss": result["loss"],
-                  "val/bpb": result["bits_per_byte"], "val/accuracy": result["accuracy"]}
-        if self.task_scorer is not None:
-            record.update(self.task_scorer.score(self.model, self.device, self.accelerator.autocast,
-                                                 self._sum_over_ranks, self.accelerator.process_index, self.world))
+                  "val/bpb": result["bits_per_byte"], "val/accuracy": result["accuracy"], **tasks}
         self._write(record, {k: v for k, v in record.items() if "/" in k})
         if self.main:
             tasks = "".join(f", {k.removeprefix('tasks/')} {v:.3f}" for k, v in record.items()
@@ -579,20 +591,26 @@ class Trainer:
         checkpoints/best at it). Collective."""
         if name is None:
             self.check_nan()
-        # A checksum of the weights each rank holds: DDP keeps them identical, and a mismatch means a broken run;
-        # FSDP ranks hold different shards, whose sum is the model's (the weights of model.safetensors).
-        sums = self.accelerator.gather(parallel.local_weight_sum(self.model).reshape(1)).tolist()
-        if self.main and not self.fsdp and len(set(sums)) > 1:
-            log.warning("weights differ across ranks at step %d: checksums %s", self.state.step, sums)
-        self.state.rank_weight_checksums = sums
-        self.state.weight_checksum = sum(sums) if self.fsdp else sums[0]
-        self.state.sampler = self.sampler.state_dict()
-        self.state.trackers = tracker_run_ids(self.accelerator)
-        state = self.state.state_dict() if step is None else {**self.state.state_dict(), "step": step}
-        path = self.checkpointer.save(state, name, best)
+        with self._averaged() as trained:  # model.safetensors: the average (trainer.ema_decay), if any
+            # A checksum of the weights each rank holds: DDP keeps them identical, and a mismatch means a broken run;
+            # FSDP ranks hold different shards, whose sum is the model's (the weights of model.safetensors).
+            sums = self.accelerator.gather(parallel.local_weight_sum(self.model).reshape(1)).tolist()
+            if self.main and not self.fsdp and len(set(sums)) > 1:
+                log.warning("weights differ across ranks at step %d: checksums %s", self.state.step, sums)
+            self.state.rank_weight_checksums = sums
+            self.state.weight_checksum = sum(sums) if self.fsdp else sums[0]
+            self.state.sampler = self.sampler.state_dict()
+            self.state.trackers = tracker_run_ids(self.accelerator)
+            state = self.state.state_dict() if step is None else {**self.state.state_dict(), "step": step}
+            extra = (lambda tmp: self.ema.save_trained(trained, tmp)) if self.ema is not None else None
+            path = self.checkpointer.save(state, name, best, extra)
         if name is None:
             self.saved_step = self.state.step
         return path
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The weight average in the model while evaluating or saving (trainer.ema_decay); otherwise nothing."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext([])
 
     def check_nan(self) -> None:
         """on_nan=stop: after a bad step, save the last good weights as nan_step_N and fail."""
