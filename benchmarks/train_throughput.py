@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from xlab.device import keep_freed_memory
+from xlab.device import cpu_isa, keep_freed_memory
 from xlab.errors import XLabError
 from xlab.models import XLabModel
 from xlab.training.mfu import mfu, peak_flops
@@ -149,7 +149,7 @@ def loop_table(args) -> None:
     from xlab.training.config import TrainConfig
     from xlab.training.trainer import Trainer
 
-    where = platform.processor() or platform.machine()
+    where = f"{platform.processor() or platform.machine()}, ISA {cpu_isa()}"
     print(f"# {where}, {torch.get_num_threads()} threads, torch {torch.__version__}; model {' '.join(args.set)}, "
           f"batch {args.batch} x seq {args.seq}, vocab {args.vocab} (pydocs), median of {args.steps} steps after "
           f"{args.warmup}, taking turns")
@@ -202,7 +202,7 @@ def main() -> None:
     kept = False if args.no_keep_freed_memory else keep_freed_memory()
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
-    where = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, ISA {cpu_isa()}"
     print(f"# {where}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; batch {args.batch} x seq {args.seq}, vocab {args.vocab}, median of {args.steps} "
           f"steps after {args.warmup}; keep_freed_memory={kept}; XLab path: "

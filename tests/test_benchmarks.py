@@ -25,6 +25,7 @@ def test_train_throughput_against_transformers_prints_ratios():
     out = run("train_throughput.py", "--presets", "gpt2_tiny", "llama_tiny", "--set", "n_layer=1", "d_model=32",
               "n_head=2", "n_kv_head=null", "--vocab", "64", "--seq", "16", "--batch", "2", "--steps", "1",
               "--warmup", "1", "--modes", "eager", "--precision", "fp32", "bf16", "--profile", "5")
+    assert re.search(r"^# .*, ISA (AMX|AVX512-BF16|AVX512|AVX2|other), ", out, re.M), out  # the tables are per ISA
     for peer in ("ReferenceGPT", "GPT2LMHeadModel", "LlamaForCausalLM"):
         rows = re.findall(rf"\| \w+ \| {NUMBER}M \| (fp32|bf16) \| eager \| {NUMBER} \| {peer} \| {NUMBER} \| "
                           rf"\*\*{NUMBER}\*\* \|", out)

@@ -24,14 +24,23 @@ from xlab.errors import XLabError
 from xlab.schema import Precision
 
 
+def cpu_isa() -> str:
+    """The widest matmul instructions this CPU has: "AMX", "AVX512-BF16", "AVX512", "AVX2" or "other" (from
+    /proc/cpuinfo; "other" where it cannot be read). Benchmarks quote it: speed ratios differ between them."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "other"
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return "other"
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls in hardware (AMX or AVX512-BF16): there bf16 runs about twice as fast
     as fp32; on AVX2-only CPUs far slower (BENCHMARKS.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return cpu_isa() in ("AMX", "AVX512-BF16")
 
 
 def auto_precision(device: torch.device) -> Precision:
