@@ -104,6 +104,16 @@ def memory_mb(proc: subprocess.Popen | None) -> dict[str, float]:
     return {key: int(fields[key].split()[0]) / 1e3 for key in ("VmRSS", "VmHWM")}
 
 
+def worst_request(url: str, model: str, proc: subprocess.Popen | None) -> str:
+    """One request at the default bounds' largest (4 prompts x n=16 = 64 rows, each up to 1024 tokens, sampled):
+    its time and the server's peak RSS after it (a row ends at eos or at the model's context)."""
+    started = time.perf_counter()
+    reply = post(url, {"model": model, "prompt": PROMPTS[:4], "max_tokens": 1024, "n": 16, "seed": 0})
+    peak = memory_mb(proc).get("VmHWM", float("nan"))
+    return (f"worst allowed request (64 rows, max_tokens=1024): {time.perf_counter() - started:.1f} s, "
+            f"{reply['usage']['completion_tokens']} tokens; server RSS peak after it {peak:.0f} MB")
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| clients | requests | wall s | requests/s | tokens/s | latency p50 s | latency p99 s | rows/batch |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -124,6 +134,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--server-arg", action="append", default=[], help="an extra xlab.serve override")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--worst", action="store_true", help="then the largest request the default bounds allow "
+                        "(4 prompts x n=16 = 64 rows of max_tokens=1024: max_request_rows, max_tokens_limit), "
+                        "and the peak RSS")
     args = parser.parse_args()
     proc, url = start_server(args.ckpt, args.server_arg) if args.ckpt else (None, args.url.rstrip("/"))
     try:
@@ -132,6 +145,7 @@ def main() -> None:
         idle = memory_mb(proc)
         rows = [load(url, model, c, args.requests, args.max_tokens) for c in args.clients]
         peak = memory_mb(proc)
+        worst = worst_request(url, model, proc) if args.worst else None
     finally:
         if proc is not None:
             proc.terminate()
@@ -140,6 +154,8 @@ def main() -> None:
     print(table(rows))
     if idle:
         print(f"server RSS: {idle['VmRSS']:.0f} MB idle (after a warm-up request), {peak['VmHWM']:.0f} MB peak")
+    if worst:
+        print(worst)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

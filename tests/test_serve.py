@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -320,12 +321,15 @@ def test_other_entry_points_do_not_import_the_server_stack():
 
 def test_benchmark_runs_against_the_server(server, tmp_path: Path):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--url", server["url"], "--clients",
-                          "1", "2", "--requests", "4", "--max-tokens", "3", "--json", str(tmp_path / "rows.json")],
+                          "1", "2", "--requests", "4", "--max-tokens", "3", "--json", str(tmp_path / "rows.json"),
+                          "--worst"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["clients"] for r in rows] == [1, 2] and all(r["requests_per_s"] > 0 for r in rows)
     assert "| clients | requests |" in out.stdout
+    worst = r"worst allowed request \(64 rows, max_tokens=1024\): [\d.]+ s, \d+ tokens"
+    assert re.search(worst, out.stdout), out.stdout
 
 
 def test_streamed_text_holds_back_split_characters_and_stop_prefixes():
