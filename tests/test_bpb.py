@@ -144,11 +144,11 @@ def test_small_data_regularization_follows_the_epoch_count():
 
 
 def test_small_data_regularization_is_logged_and_saved(tmp_path: Path):
-    proc = run_cli("train", *SMALL, "trainer.max_steps=5000", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("train", *SMALL, "trainer.max_steps=8000", "trainer.max_time_s=2", f"hydra.run.dir={tmp_path}")
     log = proc.stdout + proc.stderr
     assert "small data (" in log and "training with model.dropout=0.1 optimizer.weight_decay=2.0 (" in log
     config = (tmp_path / "checkpoints" / "last" / "config.yaml").read_text()
     assert "dropout: 0.1" in config and "weight_decay: 2.0" in config and "small_data_regularization: true" in config
-    # max_time_s: the 5000-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
+    # max_time_s: the 8000-step run stopped after ~2 s, evaluated and saved, and can continue with resume=auto
     state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
-    assert 0 < state["step"] < 5000 and f"stopped at step {state['step']} of 5000" in log
+    assert 0 < state["step"] < 8000 and f"stopped at step {state['step']} of 8000" in log

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from test_loop import records
 
 from xlab.training import trainer as trainer_module
@@ -76,3 +76,40 @@ def test_a_resumed_budget_run_continues_the_same_schedule_bit_for_bit(tmp_path: 
     assert (last[part] / "model.safetensors").read_bytes() == (last[whole] / "model.safetensors").read_bytes()
     assert [r["lr"] for r in records(part) if r["step"] > 12 and "lr" in r] == \
            [r["lr"] for r in records(whole) if r["step"] > 12 and "lr" in r]
+
+
+def small_data_budget_config(**trainer):
+    """The fixture corpus (~60k train tokens at vocab 300), 2048 tokens a step: 5 s at the fake clock's 0.0625 s a
+    step allow 80 steps, ~2.7 epochs (the test sets the rule's threshold to 2); the configured 20 would make ~0.7."""
+    cfg = tiny_config(time_budget_s=5.0, max_steps=20, batch_size=64, log_every=20, eval_every=40, ckpt_every=40,
+                      **trainer)
+    cfg.data.update(name="text_files", data_files="tests/fixtures/ckpt_435677f/corpus.jsonl")
+    cfg.tokenizer.vocab_size = 300
+    cfg.optimizer.weight_decay = 1.0
+    return cfg
+
+
+def test_with_a_budget_the_small_data_rule_counts_the_steps_the_budget_allows(tmp_path: Path, fake_clock, caplog,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(trainer_module, "SMALL_DATA_EPOCHS", 2.0)  # 12 in earnest: 6x the steps, the same logic
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    with caplog.at_level(logging.INFO):
+        train(small_data_budget_config(), whole)
+    text = caplog.text
+    assert "training with model.dropout=0.1 optimizer.weight_decay=2.0" in text
+    # decided after the probe, from its steps; then the dearer steps are timed again for the rest of the budget
+    assert text.index("small data (") < text.index("timing the next steps") < text.index("so max_steps=80")
+    state = json.loads((whole / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 80 and state["small_data"] == ["model.dropout=0.1", "optimizer.weight_decay=2.0"]
+    config = (whole / "checkpoints" / "last" / "config.yaml").read_text()
+    assert "dropout: 0.1" in config and "weight_decay: 2.0" in config
+    (part / "checkpoints").mkdir(parents=True)  # killed after step 40: the resume applies the rule as decided
+    shutil.copytree(whole / "checkpoints" / "step_000040", part / "checkpoints" / "step_000040")
+    (part / "checkpoints" / "last").symlink_to("step_000040")
+    cfg = small_data_budget_config()
+    cfg.resume = "auto"
+    train(cfg, part)
+    last = {run: (run / "checkpoints" / "last").resolve() for run in (whole, part)}
+    assert last[whole].name == last[part].name == "step_000080"
+    assert (last[part] / "model.safetensors").read_bytes() == (last[whole] / "model.safetensors").read_bytes()

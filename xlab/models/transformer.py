@@ -391,6 +391,16 @@ class XLabModel(nn.Module):
     def max_len(self) -> int:
         return self.cfg.max_len
 
+    def set_dropout(self, p: float) -> None:
+        """Change model.dropout of a built model (embedding, residual and, unless attn_dropout is set, attention
+        dropout): the small-data rule decides it after a time budget's probe (xlab/training/trainer.py)."""
+        self.cfg.dropout = self.hparams["dropout"] = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention) and self.cfg.attn_dropout is None:
+                module.dropout = p
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (tied weights counted once); optionally without token/position embeddings."""
         n = sum(p.numel() for p in self.parameters())

@@ -32,6 +32,16 @@ def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Paramete
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def set_weight_decay(model: nn.Module, optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Change optimizer.weight_decay of a built optimizer: on the groups of decayed parameters (param_groups' rule:
+    matrices that are not embeddings, Muon's hidden matrices too), as building it with that value would."""
+    embeddings = _embedding_ids(model)
+    for group in optimizer.param_groups:
+        first = group["params"][0] if group["params"] else None
+        if first is not None and first.dim() >= 2 and id(first) not in embeddings:
+            group["weight_decay"] = weight_decay
+
+
 def check_optimizer_config(cfg: OptimizerConfig) -> None:
     """Beyond the schema's checks (number ranges: xlab/schema.py)."""
     OPTIMIZERS.get(cfg.name)

@@ -26,6 +26,7 @@ class TrainState:
     best: Best | None = None
     evals_since_best: int = 0  # evaluations since the best one (trainer.early_stop_patience)
     budget_steps: int | None = None  # trainer.time_budget_s: the max_steps its probe chose
+    small_data: list[str] | None = None  # the small-data rule's changes when a budget's probe decided them
     rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save: each rank's weights (DDP:
     weight_checksum: float | None = None  # equal on every rank; FSDP: its shards) and the whole model's sum
 
@@ -34,7 +35,7 @@ class TrainState:
                 "sampler": self.sampler, "trackers": self.trackers, "rank_weight_checksums": self.rank_weight_checksums,
                 "weight_checksum": self.weight_checksum,
                 "best": None if self.best is None else asdict(self.best), "evals_since_best": self.evals_since_best,
-                "budget_steps": self.budget_steps}
+                "budget_steps": self.budget_steps, "small_data": self.small_data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Also reads the state.json of checkpoints written before a key existed (its default is kept)."""
@@ -49,6 +50,8 @@ class TrainState:
         self.evals_since_best = int(state.get("evals_since_best", 0))
         budget = state.get("budget_steps")
         self.budget_steps = None if budget is None else int(budget)
+        small = state.get("small_data")
+        self.small_data = None if small is None else [str(change) for change in small]
 
     def observe_val(self, val_loss: float, val_bpb: float | None = None) -> bool:
         """Record an evaluation; True when it is the best so far."""

@@ -56,7 +56,7 @@ from xlab.training.guards import NanGuard, StopRequest
 from xlab.training.interval import IntervalMetrics
 from xlab.training.loggers import MetricsFile, check_logger_config, flat_config, tracker_init_kwargs, tracker_run_ids
 from xlab.training.mfu import mfu, peak_flops
-from xlab.training.optimizers import OPTIMIZERS, check_optimizer_config
+from xlab.training.optimizers import OPTIMIZERS, check_optimizer_config, set_weight_decay
 from xlab.training.resume import keys_the_checkpoint_lacks, load_training_state
 from xlab.training.rundir import check_run_dir, clear_run_dir
 from xlab.training.schedulers import SCHEDULERS, build_scheduler, check_scheduler_config
@@ -316,12 +316,17 @@ class Trainer:
             self.task_scorer = TaskScorer([str(t) for t in self.t.eval_tasks], self.datamodule, self.seq_len,
                                           self.t.eval_tasks_limit)
         self.epochs = self.t.max_steps * self.tokens_per_step * self.world / max(self.train_tokens, 1)
-        changed = regularize_small_data(self.cfg, self.epochs)
+        # With a time budget the run's length is known once its probe has timed the first steps: decided then
+        self.rule_after_probe = self.t.time_budget_s is not None and self.t.small_data_regularization
+        if not self.rule_after_probe:
+            self._report_small_data(regularize_small_data(self.cfg, self.epochs), self.epochs)
+        self.byte_lengths = torch.as_tensor(self.datamodule.tokenizer.byte_lengths(), device=self.device)
+
+    def _report_small_data(self, changed: list[str], epochs: float) -> None:
         if changed and self.main:
             log.info("small data (%.1f epochs over the train split): training with %s "
-                     "(trainer.small_data_regularization=false to keep the configured values)", self.epochs,
+                     "(trainer.small_data_regularization=false to keep the configured values)", epochs,
                      " ".join(changed))
-        self.byte_lengths = torch.as_tensor(self.datamodule.tokenizer.byte_lengths(), device=self.device)
 
     def _build_model(self, init: Any) -> None:
         vocab = len(self.datamodule.tokenizer)
@@ -358,6 +363,9 @@ class Trainer:
         if self.state.budget_steps is not None:  # the budget's schedule, as chosen before the checkpoint
             self.set_horizon(self.state.budget_steps)
             self.budget = None
+        if self.state.small_data is not None:  # and the small-data rule as decided then (after the configured
+            self.rule_after_probe = False      # optimizer settings were put back over the checkpoint's)
+            self._regularize_now(self.state.small_data)
         if self.main:
             if self.cfg.resume == "auto" and path.name != "last":
                 log.warning("%s is missing or points to a missing checkpoint: resuming from the newest complete one",
@@ -479,12 +487,28 @@ class Trainer:
             self.observe_budget(seconds)
 
     def observe_budget(self, seconds: float) -> None:
-        """trainer.time_budget_s: once its probe is complete, set max_steps (every rank the same: the slowest's)."""
+        """trainer.time_budget_s: once its probe is complete, set max_steps (every rank the same: the slowest's).
+        Then the small-data rule decides from those steps; dropout it adds changes the step's cost, so the rest of
+        the budget is measured again."""
         chosen = self.budget.observe(self.state.step, seconds)
         if chosen is None:
             return
         if self.world > 1:
             chosen = int(self.accelerator.gather(torch.tensor([chosen], device=self.device)).min())
+        if self.rule_after_probe:
+            self.rule_after_probe = False
+            epochs = chosen * self.tokens_per_step * self.world / max(self.train_tokens, 1)
+            changed = self.state.small_data = regularize_small_data(self.cfg, epochs)
+            self._report_small_data(changed, epochs)
+            self._regularize_now(changed)
+            if any(change.startswith("model.dropout=") for change in changed):
+                left = self.budget.seconds - sum(self.budget.times)
+                if self.main:
+                    log.info("time budget: dropout changes the step's cost; timing the next steps for the %.0f s "
+                             "left", left)
+                self.budget = TimeBudget(left)
+                self.set_horizon(chosen, record=False)  # until the new timing ends
+                return
         if self.main:
             log.info("time budget %.0f s: %.3f s per step over steps 2-%d, so max_steps=%d (trainer.max_steps=%d "
                      "set aside)", self.budget.seconds, self.budget.step_time, self.state.step, chosen,
@@ -492,9 +516,25 @@ class Trainer:
         self.set_horizon(chosen)
         self.budget = None
 
-    def set_horizon(self, steps: int) -> None:
-        """End the run, and the learning-rate schedule's decay, at `steps` (trainer.time_budget_s's choice)."""
-        self.t.max_steps = self.state.budget_steps = steps
+    def _regularize_now(self, changed: list[str]) -> None:
+        """The small-data rule's `key=value` changes into the built model, optimizer and saved config."""
+        if not changed:
+            return
+        for change in changed:
+            key, value = change.split("=")
+            group, name = key.split(".")
+            setattr(getattr(self.cfg, group), name, float(value))
+        model = self.accelerator.unwrap_model(self.model)
+        model.set_dropout(self.cfg.model.dropout)
+        set_weight_decay(model, self.optimizer, self.cfg.optimizer.weight_decay)
+        self.config_dict = self.checkpointer.config = to_container(OmegaConf.structured(self.cfg))
+
+    def set_horizon(self, steps: int, record: bool = True) -> None:
+        """End the run, and the learning-rate schedule's decay, at `steps` (trainer.time_budget_s's choice; not
+        recorded for resume while it is provisional: the steps are being timed again)."""
+        self.t.max_steps = steps
+        if record:
+            self.state.budget_steps = steps
         schedule = getattr(self.scheduler, "scheduler", self.scheduler)  # Accelerate wraps torch's LambdaLR
         multiplier = SCHEDULERS.get(self.cfg.scheduler.name)(self.cfg.scheduler, steps)
         schedule.lr_lambdas = [multiplier] * len(schedule.lr_lambdas)
