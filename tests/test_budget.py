@@ -62,16 +62,22 @@ def test_the_budget_sets_max_steps_and_the_schedule_decays_at_its_end(tmp_path: 
     assert 0 < lrs[12] < lrs[6]
 
 
+def resumed(whole: Path, part: Path, step: int, cfg) -> dict[Path, Path]:
+    """A run killed after its step-`step` checkpoint (a copy of `whole`'s) resumed with resume=auto under `cfg`; the
+    last checkpoint of each run."""
+    name = f"step_{step:06d}"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / name, part / "checkpoints" / name)
+    (part / "checkpoints" / "last").symlink_to(name)
+    cfg.resume = "auto"
+    train(cfg, part)
+    return {run: (run / "checkpoints" / "last").resolve() for run in (whole, part)}
+
+
 def test_a_resumed_budget_run_continues_the_same_schedule_bit_for_bit(tmp_path: Path, fake_clock):
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(budget_config(), whole)
-    (part / "checkpoints").mkdir(parents=True)  # a run killed after its step-12 checkpoint
-    shutil.copytree(whole / "checkpoints" / "step_000012", part / "checkpoints" / "step_000012")
-    (part / "checkpoints" / "last").symlink_to("step_000012")
-    cfg = budget_config()
-    cfg.resume = "auto"
-    train(cfg, part)
-    last = {run: (run / "checkpoints" / "last").resolve() for run in (whole, part)}
+    last = resumed(whole, part, 12, budget_config())
     assert last[whole].name == last[part].name == "step_000020"
     assert (last[part] / "model.safetensors").read_bytes() == (last[whole] / "model.safetensors").read_bytes()
     assert [r["lr"] for r in records(part) if r["step"] > 12 and "lr" in r] == \
@@ -104,12 +110,6 @@ def test_with_a_budget_the_small_data_rule_counts_the_steps_the_budget_allows(tm
     assert state["step"] == 80 and state["small_data"] == ["model.dropout=0.1", "optimizer.weight_decay=2.0"]
     config = (whole / "checkpoints" / "last" / "config.yaml").read_text()
     assert "dropout: 0.1" in config and "weight_decay: 2.0" in config
-    (part / "checkpoints").mkdir(parents=True)  # killed after step 40: the resume applies the rule as decided
-    shutil.copytree(whole / "checkpoints" / "step_000040", part / "checkpoints" / "step_000040")
-    (part / "checkpoints" / "last").symlink_to("step_000040")
-    cfg = small_data_budget_config()
-    cfg.resume = "auto"
-    train(cfg, part)
-    last = {run: (run / "checkpoints" / "last").resolve() for run in (whole, part)}
+    last = resumed(whole, part, 40, small_data_budget_config())  # the resume applies the rule as decided
     assert last[whole].name == last[part].name == "step_000080"
     assert (last[part] / "model.safetensors").read_bytes() == (last[whole] / "model.safetensors").read_bytes()

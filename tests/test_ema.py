@@ -4,13 +4,13 @@ bit for bit."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
+from test_budget import resumed
 from test_loop import records
 
 from xlab.datamodules import XLabDataModule
@@ -53,12 +53,7 @@ def test_the_average_is_evaluated_and_saved_and_training_is_untouched(tmp_path: 
 def test_a_resumed_averaging_run_is_the_whole_run_bit_for_bit(tmp_path: Path):
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(ema_config(ema_decay=0.9), whole)
-    (part / "checkpoints").mkdir(parents=True)  # a run killed after its step-6 checkpoint
-    shutil.copytree(whole / "checkpoints" / "step_000006", part / "checkpoints" / "step_000006")
-    (part / "checkpoints" / "last").symlink_to("step_000006")
-    cfg = ema_config(ema_decay=0.9)
-    cfg.resume = "auto"
-    train(cfg, part)
+    resumed(whole, part, 6, ema_config(ema_decay=0.9))  # killed after its step-6 checkpoint
     assert last(whole).name == last(part).name == "step_000012"
     for name in ("model.safetensors", TRAIN_WEIGHTS):
         assert (last(part) / name).read_bytes() == (last(whole) / name).read_bytes(), name
