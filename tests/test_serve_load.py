@@ -40,7 +40,7 @@ def start_server(tmp: Path, **settings) -> dict:
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-    return {"url": url, "port": port, "proc": proc, "log": log}
+    return {"url": url, "port": port, "proc": proc, "log": log, "idle_kb": memory_kb(proc.pid)["VmRSS"]}
 
 
 def stop_server(server: dict) -> None:
@@ -94,6 +94,8 @@ AT_THE_BOUND = [  # (the largest request a bound allows, the same one past it, s
 def test_each_bound_serves_its_largest_request_and_refuses_one_past_it(server, allowed, past, status, words):
     code, answer = post(server["url"], allowed)
     assert code == 200, answer
+    peak, ceiling = memory_kb(server["proc"].pid)["VmHWM"], 2 * server["idle_kb"] + BOUNDS["kv_cache_mb"] * 1000
+    assert peak < ceiling, (peak, ceiling)  # the largest request each bound allows stays under the stated ceiling
     code, message = refused(server, {**allowed, **past})
     assert code == status and words in message, (code, message)
 
