@@ -158,8 +158,8 @@ def _accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision, trackers
 
 
 # Beyond this many epochs regularisation pays for its cost (dropout makes a CPU step up to 1.5x slower): in the recipe
-# benchmark it lost at ~6.6 epochs (4x256) and ~10 (4x128) on pydocs, and won at ~13-15 epochs on the Rust book and
-# ~29 on the Vim manual; weight decay 2.0 won on the small corpus and lost below the threshold (BENCHMARKS.md, recipes).
+# benchmark it lost at ~6.6 epochs (4x256) and ~10 (4x128) on pydocs and won at ~13-22 on the Rust book; weight decay
+# 2.0 won on the small corpus and lost below the threshold (BENCHMARKS.md, recipes).
 SMALL_DATA_EPOCHS = 12.0
 SMALL_DATA_FLOORS = {"model.dropout": 0.1, "optimizer.weight_decay": 2.0}
 
@@ -353,11 +353,10 @@ class Trainer:
             return
         self.state.load_state_dict(load_training_state(self.accelerator, path, self.config_dict, self.sharded,
                                                        self.optimizer, self.scheduler))
-        unwrapped = self.accelerator.unwrap_model(self.model)
         if self.ema is not None:  # model.safetensors held the average; the trained weights lie beside it
             self.ema.resume(path)
-        elif not self.fsdp:
-            load_trained_weights(unwrapped, path)  # a checkpoint of an ema_decay run, resumed without averaging
+        elif not self.fsdp:  # a checkpoint of an ema_decay run, resumed without averaging
+            load_trained_weights(self.accelerator.unwrap_model(self.model), path)
         self.sampler.load_state_dict(self.state.sampler)
         self.saved_step = self.state.step
         if self.state.budget_steps is not None:  # the budget's schedule, as chosen before the checkpoint
