@@ -29,7 +29,7 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.model, self.decay = model, decay
         self.params = list(model.parameters())  # a tied weight once
-        self.average = [p.detach().float().clone() for p in self.params]
+        self.average = self._copy_of_model()
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -48,6 +48,9 @@ class WeightAverage:
         finally:
             self._copy_into_model(trained)
 
+    def _copy_of_model(self) -> list[torch.Tensor]:
+        return [p.detach().float().clone() for p in self.params]
+
     @torch.no_grad()
     def _copy_into_model(self, values: list[torch.Tensor]) -> None:
         for p, value in zip(self.params, values, strict=True):
@@ -64,7 +67,7 @@ class WeightAverage:
         """After the checkpoint's model.safetensors was loaded into the model: that is the average; the trained
         weights come from train_weights.safetensors (a checkpoint of a run without averaging has none: the average
         starts from its weights)."""
-        self.average = [p.detach().float().clone() for p in self.params]
+        self.average = self._copy_of_model()
         load_trained_weights(self.model, ckpt)
 
 
