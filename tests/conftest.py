@@ -52,6 +52,26 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def restored_logging():
+    """In-process Hydra apps configure logging with handlers on pytest's captured streams, which are closed after
+    the test; restore every logger's handlers and level so a later test does not write to a closed stream."""
+    import logging
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger))]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate, disabled in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled
+    known = {id(lg) for lg, *_ in saved}
+    for lg in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(lg, logging.Logger) and id(lg) not in known:
+            lg.handlers.clear()
+
+
 TRACEBACK = "Traceback (most recent call last)"
 
 

@@ -95,6 +95,10 @@ def test_page_streams_tokens_and_shows_their_alternatives(server, tmp_path: Path
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 720})
+        # a 60-token answer of the tiny model is generated in milliseconds, and on a loaded machine its events can
+        # reach the page in one read; a slow emulated link makes the page receive them over ~1 s, as a real one would
+        page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": 16384, "uploadThroughput": -1})
         page.goto(server["url"] + "/")
         page.wait_for_function("document.getElementById('models').textContent.includes('vs')")
         page.fill("#prompt", "The ")

@@ -79,6 +79,11 @@ def run_once(run_dir: Path, logger: LoggerConfig, config: dict, rows: list[tuple
         accelerator.log(row, step=step)
     ids = tracker_run_ids(accelerator)
     accelerator.end_training()
+    # wandb's service process writes the transaction log on its own; finish() can return before the log is flushed
+    # (seen under load in CI: a resumed segment read with no history yet). teardown() waits for the service to exit.
+    import wandb
+
+    wandb.teardown()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     return ids
