@@ -65,6 +65,11 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "gpt2_900": (GPT2_435677F, 900),
     "gpt2": (GPT2_435677F, None),
     "default": ([], None),  # whatever `python -m xlab.train` does today
+    "compile": (["trainer.compile=on"], None),
+    "relu2": (["model.mlp=relu2"], None),  # modded-nanogpt's MLP: two matrices instead of SwiGLU's three
+    "qknorm_cap": (["model.qk_norm=true", "model.logit_softcap=30"], None),
+    "muon_wd1": (["optimizer=muon", "optimizer.adam_lr=3e-3", "optimizer.weight_decay=1.0", "optimizer.lr=0.01"],
+                 None),
     "default_noreg": (["trainer.small_data_regularization=false"], None),
     "reg_resid": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2"], None),
     "reg_resid_lin0": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2",

@@ -18,6 +18,7 @@ FAMILIES = {
     "llama_tied_mqa": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=True, n_kv_head=1),
     "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, qk_norm=True,
                   n_kv_head=2, norm_eps=1e-6, rope_theta=1e6),
+    "arcee": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False, n_kv_head=2),
 }
 
 
@@ -35,8 +36,8 @@ def tiny_model(**knobs) -> XLabModel:
 def test_logits_match_transformers(family):
     model = tiny_model(**FAMILIES[family])
     hf = to_hf_model(model)
-    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM"}.get(
-        family, "LlamaForCausalLM")
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM",
+                                 "arcee": "ArceeForCausalLM"}.get(family, "LlamaForCausalLM")
     ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(ids) - hf(ids).logits).abs().max().item()
@@ -52,12 +53,21 @@ def test_hf_to_xlab_to_hf_round_trip_is_exact(family):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("knob", "value"), [("mlp", "relu2"), ("logit_softcap", 30.0), ("norm_position", "post"),
+@pytest.mark.parametrize(("knob", "value"), [("mlp", "gelu"), ("logit_softcap", 30.0), ("norm_position", "post"),
                                              ("norm", "layernorm")])
 def test_no_exact_equivalent_is_refused_naming_the_knob(knob, value):
     cfg = tiny_model(**{**FAMILIES["llama"], knob: value}).cfg
     with pytest.raises(XLabError, match=f"model.{knob}="):
         hf_family(cfg)
+
+
+def test_an_activation_xlab_does_not_compute_is_refused():
+    from xlab.models.hf import xlab_config_from_hf
+
+    config = to_hf_model(tiny_model(**FAMILIES["arcee"])).config
+    config.hidden_act = "gelu"
+    with pytest.raises(XLabError, match="arcee hidden_act='gelu' is not supported"):
+        xlab_config_from_hf(config)
 
 
 def test_cli_export_hf_loads_offline_with_same_logits_and_token_ids(tiny_run: Path, tmp_path: Path):

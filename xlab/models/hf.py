@@ -31,12 +31,19 @@ REQUIREMENTS: dict[str, list[tuple[str, Any]]] = {
               *_COMMON],
     "qwen3": [("pos_emb", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"), ("bias", False), ("qk_norm", True),
               *_COMMON],
+    # Arcee (AFM): Llama with a ReLU² MLP (up → relu² → down), the MLP of XLab's `model.mlp=relu2`
+    "arcee": [("pos_emb", "rope"), ("norm", "rmsnorm"), ("mlp", "relu2"), ("bias", False), ("qk_norm", False),
+              *_COMMON],
 }
+HF_ACT = {"llama": "silu", "qwen3": "silu", "arcee": "relu2"}  # the MLP activation each Llama-like family needs
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "arcee": "ArceeForCausalLM"}
 
 
 def hf_family(cfg: ModelConfig) -> str:
     """The transformers family that computes exactly what `cfg` does, or a one-line error naming the knob."""
-    candidate = "gpt2" if cfg.pos_emb == "learned" else ("qwen3" if cfg.qk_norm else "llama")
+    candidate = "gpt2" if cfg.pos_emb == "learned" else (
+        "qwen3" if cfg.qk_norm else ("arcee" if cfg.mlp == "relu2" else "llama"))
     cfg_dict = asdict(cfg)
     if cfg.n_kv_head == cfg.n_head:
         cfg_dict["n_kv_head"] = None  # the same thing spelled out
@@ -65,11 +72,12 @@ def hf_config(model: XLabModel, family: str, special_ids: dict[str, int | None])
             n_positions=c.max_len, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head, n_inner=default_d_ff(c),
             activation_function="gelu_new", layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout,
             embd_pdrop=c.dropout, attn_pdrop=attn_dropout(c), **common)
-    cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen3Config
+    cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
+           "arcee": transformers.ArceeConfig}[family]
     return cls(
         hidden_size=c.d_model, intermediate_size=default_d_ff(c), num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head or c.n_head, head_dim=c.d_model // c.n_head,
-        max_position_embeddings=c.max_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
+        max_position_embeddings=c.max_len, rms_norm_eps=c.norm_eps, hidden_act=HF_ACT[family],
         attention_dropout=attn_dropout(c),
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attention_bias=False, **common)
 
@@ -95,9 +103,11 @@ def _layout(model: XLabModel, family: str) -> list[tuple[str, list[str], str]]:
         rows.append(("tok_emb.weight", ["model.embed_tokens.weight"], "same"))
         for i in range(c.n_layer):
             p, b = f"model.layers.{i}.", f"blocks.{i}."
+            mlp_in = [f"{p}mlp.up_proj.weight"] if family == "arcee" else [f"{p}mlp.gate_proj.weight",
+                                                                          f"{p}mlp.up_proj.weight"]
             rows += [(f"{b}attn.qkv.weight", [f"{p}self_attn.{x}_proj.weight" for x in "qkv"], "cat"),
                      (f"{b}attn.proj.weight", [f"{p}self_attn.o_proj.weight"], "same"),
-                     (f"{b}mlp.fc.weight", [f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"], "cat"),
+                     (f"{b}mlp.fc.weight", mlp_in, "cat" if len(mlp_in) == 2 else "same"),
                      (f"{b}mlp.proj.weight", [f"{p}mlp.down_proj.weight"], "same"),
                      (f"{b}norm1.weight", [f"{p}input_layernorm.weight"], "same"),
                      (f"{b}norm2.weight", [f"{p}post_attention_layernorm.weight"], "same")]
@@ -146,9 +156,7 @@ def to_hf_model(model: XLabModel, special_ids: dict[str, int | None] | None = No
 
     family = hf_family(model.cfg)
     config = hf_config(model, family, special_ids or {})
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-           "qwen3": transformers.Qwen3ForCausalLM}[family]
-    hf = cls(config)
+    hf = getattr(transformers, HF_CLASSES[family])(config)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model, family), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -157,14 +165,14 @@ def to_hf_model(model: XLabModel, special_ids: dict[str, int | None] | None = No
 
 
 def xlab_config_from_hf(config) -> ModelConfig:
-    """transformers config → XLab ModelConfig (GPT-2, Llama and Qwen3 families)."""
+    """transformers config → XLab ModelConfig (GPT-2, Llama, Qwen3 and Arcee families)."""
     t = config.model_type
     if t == "gpt2":
         return ModelConfig(n_layer=config.n_layer, n_head=config.n_head, d_model=config.n_embd,
                            max_len=config.n_positions, d_ff=config.n_inner or 4 * config.n_embd,
                            norm_eps=config.layer_norm_epsilon, pos_emb="learned", norm="layernorm", mlp="gelu",
                            bias=True, tie_embeddings=True)
-    if t in ("llama", "qwen3"):
+    if t in ("llama", "qwen3", "arcee"):
         if config.head_dim * config.num_attention_heads != config.hidden_size:
             raise XLabError(f"{t} head_dim={config.head_dim} x heads != hidden_size: not representable in XLab")
         rope = getattr(config, "rope_parameters", None) or {"rope_theta": 10000.0, "rope_type": "default"}
@@ -172,13 +180,16 @@ def xlab_config_from_hf(config) -> ModelConfig:
             raise XLabError(f"{t} rope_type={rope['rope_type']} is not supported (only default RoPE)")
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             raise XLabError(f"{t} with attention/mlp biases is not supported")
+        if config.hidden_act != HF_ACT[t]:
+            raise XLabError(f"{t} hidden_act={config.hidden_act!r} is not supported (only {HF_ACT[t]!r})")
         return ModelConfig(
             n_layer=config.num_hidden_layers, n_head=config.num_attention_heads,
             n_kv_head=config.num_key_value_heads, d_model=config.hidden_size,
             max_len=config.max_position_embeddings, pos_emb="rope", rope_theta=float(rope["rope_theta"]),
-            norm="rmsnorm", norm_eps=config.rms_norm_eps, mlp="swiglu", d_ff=config.intermediate_size,
+            norm="rmsnorm", norm_eps=config.rms_norm_eps, mlp="relu2" if t == "arcee" else "swiglu",
+            d_ff=config.intermediate_size,
             qk_norm=t == "qwen3", bias=False, tie_embeddings=bool(config.tie_word_embeddings))
-    raise XLabError(f"transformers model_type={t!r} cannot be imported; valid: gpt2, llama, qwen3")
+    raise XLabError(f"transformers model_type={t!r} cannot be imported; valid: gpt2, llama, qwen3, arcee")
 
 
 def from_hf_model(hf_model) -> XLabModel:
