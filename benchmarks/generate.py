@@ -47,7 +47,7 @@ from xlab.models.hf import to_hf_model
 
 ARCHS = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
-    "llama": {},  # the model's defaults: RoPE, RMSNorm, SwiGLU, no biases, untied head
+    "llama": {"mlp": "swiglu"},  # otherwise the model's defaults: RoPE, RMSNorm, no biases, untied head
 }
 SHAPES = {  # layers, d_model, heads, vocab
     "small": (6, 384, 6, 8192),

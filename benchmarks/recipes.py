@@ -70,6 +70,8 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "qknorm_cap": (["model.qk_norm=true", "model.logit_softcap=30"], None),
     "muon_wd1": (["optimizer=muon", "optimizer.adam_lr=3e-3", "optimizer.weight_decay=1.0", "optimizer.lr=0.01"],
                  None),
+    "relu2_muon": (["model.mlp=relu2", "optimizer=muon", "optimizer.adam_lr=3e-3", "optimizer.weight_decay=1.0",
+                    "optimizer.lr=0.01"], None),
     "default_noreg": (["trainer.small_data_regularization=false"], None),
     "reg_resid": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2"], None),
     "reg_resid_lin0": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2",

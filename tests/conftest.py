@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,18 +84,70 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True
             preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m xlab.<module> *args`. Suite-wide rule: a CLI prints no traceback, however it ends, unless the
     environment asks for one (XLAB_DEBUG=1 or HYDRA_FULL_ERROR=1): bad input gets one `error:` line, and a
-    traceback anywhere else is a bug (docs/reliability.md, Errors)."""
+    traceback anywhere else is a bug (docs/reliability.md, Errors). The process is forked from this worker's fork
+    server (tests/forkserver.py: the imports of torch, Hydra and Accelerate paid once) unless preexec_fn must run in
+    it or XLAB_TEST_FORK=0 asks for a plain interpreter."""
     env = os.environ.copy()
-    proc = subprocess.run(
-        [sys.executable, "-m", f"xlab.{module}", *args], cwd=cwd or REPO, capture_output=True, text=True,
-        env=env, timeout=600, preexec_fn=preexec_fn,
-    )
+    if preexec_fn is None and env.get("XLAB_TEST_FORK") != "0":
+        proc = run_forked(f"xlab.{module}", list(args), cwd or REPO, env, timeout=600)
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"xlab.{module}", *args], cwd=cwd or REPO, capture_output=True, text=True,
+            env=env, timeout=600, preexec_fn=preexec_fn,
+        )
     if not debugging(env):  # on stdout only at a line start: generated text may quote Python's docs
         printed = TRACEBACK in proc.stderr or any(line.startswith(TRACEBACK) for line in proc.stdout.splitlines())
         assert not printed, f"xlab.{module} {args} printed a traceback:\n{proc.stdout}\n{proc.stderr}"
     if check and proc.returncode != 0:
         raise AssertionError(f"xlab.{module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+_FORK_SERVER: dict[str, Any] = {}
+
+
+def fork_server() -> str:
+    """The socket of this worker's fork server, started on first use and stopped when the worker exits."""
+    if "path" not in _FORK_SERVER:
+        import atexit
+        import shutil
+
+        folder = Path(tempfile.mkdtemp(prefix="xlab-fork-"))
+        path, log = folder / "sock", open(folder / "server.log", "wb")  # noqa: SIM115 (the server's lifetime)
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py"), str(path)], cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        atexit.register(shutil.rmtree, folder, True)
+        atexit.register(proc.kill)  # (atexit runs these last first)
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the fork server did not start:\n{(folder / 'server.log').read_text()}")
+            time.sleep(0.05)
+        _FORK_SERVER.update(path=str(path), proc=proc)
+    return _FORK_SERVER["path"]
+
+
+def run_forked(module: str, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m module *args` in a child of the fork server: its exit status, stdout and stderr."""
+    import signal
+
+    from forkserver import recv_msg, send_msg
+
+    argv = [sys.executable, "-m", module, *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(fork_server())
+        sock.settimeout(timeout)
+        send_msg(sock, {"module": module, "args": args, "cwd": str(cwd), "env": env}, [out.fileno(), err.fileno()])
+        pid = recv_msg(sock)[0]["pid"]
+        try:
+            returncode = recv_msg(sock)[0]["returncode"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired(argv, timeout) from None
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, returncode, out.read().decode(), err.read().decode())
 
 
 @pytest.fixture(scope="session")

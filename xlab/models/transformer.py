@@ -1,5 +1,5 @@
 """A decoder-only transformer language model in plain PyTorch: a Llama-style block by default (RoPE, RMSNorm,
-SwiGLU), GPT-2's with model=gpt.
+ReLU² MLP), Llama's with model=llama_tiny, GPT-2's with model=gpt.
 
 Read top to bottom: norms, positional schemes, attention, MLPs → Block → XLabModel. Each swappable part is chosen
 by name from a registry, so `model.norm=rmsnorm` in a config maps to one class here, and the presets in
