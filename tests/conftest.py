@@ -10,7 +10,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True
     return proc
 
 
-_FORK_SERVER: dict[str, Any] = {}
+_FORK_SERVER: dict[str, str] = {}
 
 
 def fork_server() -> str:
@@ -123,7 +122,7 @@ def fork_server() -> str:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the fork server did not start:\n{(folder / 'server.log').read_text()}")
             time.sleep(0.05)
-        _FORK_SERVER.update(path=str(path), proc=proc)
+        _FORK_SERVER["path"] = str(path)
     return _FORK_SERVER["path"]
 
 

@@ -31,25 +31,20 @@ def send_msg(sock: socket.socket, obj: object, fds: list[int] | None = None) -> 
         sock.sendall(payload)
 
 
-def recv_msg(sock: socket.socket, nfds: int = 0) -> tuple[object, list[int]]:
-    fds: list[int] = []
-    if nfds:
-        head, fds, _, _ = socket.recv_fds(sock, 4, nfds)
-    else:
-        head = sock.recv(4)
-    while len(head) < 4:
-        more = sock.recv(4 - len(head))
-        if not more:
-            raise ConnectionError("fork server closed the connection")
-        head += more
-    (size,) = struct.unpack("!I", head)
-    data = b""
+def _recv_exactly(sock: socket.socket, size: int, data: bytes = b"") -> bytes:
     while len(data) < size:
         chunk = sock.recv(size - len(data))
         if not chunk:
             raise ConnectionError("fork server closed the connection")
         data += chunk
-    return json.loads(data), fds
+    return data
+
+
+def recv_msg(sock: socket.socket, nfds: int = 0) -> tuple[object, list[int]]:
+    """One message of send_msg, and the nfds file descriptors that came with it."""
+    head, fds = socket.recv_fds(sock, 4, nfds)[:2] if nfds else (b"", [])
+    (size,) = struct.unpack("!I", _recv_exactly(sock, 4, head))
+    return json.loads(_recv_exactly(sock, size)), fds
 
 
 def run_child(request: dict, out_fd: int, err_fd: int) -> None:
