@@ -72,6 +72,10 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
                  None),
     "relu2_muon": (["model.mlp=relu2", "optimizer=muon", "optimizer.adam_lr=3e-3", "optimizer.weight_decay=1.0",
                     "optimizer.lr=0.01"], None),
+    "v2k": (["tokenizer.vocab_size=2048"], None),  # vocabulary by corpus size: fewer, better-trained embeddings
+    "v1k": (["tokenizer.vocab_size=1024"], None),
+    "drop2": (["model.dropout=0.2"], None),  # more of the small-data rule's dropout, attention's included
+    "drop3": (["model.dropout=0.3"], None),
     "default_noreg": (["trainer.small_data_regularization=false"], None),
     "reg_resid": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2"], None),
     "reg_resid_lin0": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2",

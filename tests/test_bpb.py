@@ -134,9 +134,12 @@ def test_small_data_regularization_follows_the_epoch_count():
     assert regularize_small_data(cfg, epochs=11.5) == [] and cfg.model.dropout == 0.0
     assert regularize_small_data(cfg, epochs=13.0) == ["model.dropout=0.1", "optimizer.weight_decay=2.0"]
     assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.1, 2.0)
+    assert regularize_small_data(cfg, epochs=21.0) == ["model.dropout=0.2"]  # the second tier: more dropout
+    cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
+    assert regularize_small_data(cfg, epochs=21.0) == ["model.dropout=0.2", "optimizer.weight_decay=2.0"]
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.model.dropout, cfg.optimizer.weight_decay = 0.3, 3.0  # higher configured values are kept
-    assert regularize_small_data(cfg, epochs=13.0) == []
+    assert regularize_small_data(cfg, epochs=21.0) == []
     assert (cfg.model.dropout, cfg.optimizer.weight_decay) == (0.3, 3.0)
     cfg = OmegaConf.to_object(OmegaConf.structured(TrainConfig))
     cfg.trainer.small_data_regularization, cfg.optimizer.weight_decay = False, 0.1

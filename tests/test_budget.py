@@ -98,7 +98,8 @@ def small_data_budget_config(**trainer):
 def test_with_a_budget_the_small_data_rule_counts_the_steps_the_budget_allows(tmp_path: Path, fake_clock, caplog,
                                                                               monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(trainer_module, "SMALL_DATA_EPOCHS", 2.0)  # 12 in earnest: 6x the steps, the same logic
+    # the first tier past 2 epochs (12 in earnest: 6x the steps, the same logic)
+    monkeypatch.setattr(trainer_module, "SMALL_DATA_TIERS", ((2.0, trainer_module.SMALL_DATA_TIERS[0][1]),))
     whole, part = tmp_path / "whole", tmp_path / "part"
     with caplog.at_level(logging.INFO):
         train(small_data_budget_config(), whole)

@@ -1,5 +1,6 @@
 """The speed-ups of the training step compute what the plain code computes: the fused chunked head + loss, the
-eager attention path, and the allocator setting (which must actually stop the page faults it is there for)."""
+eager attention path, dropout's CPU path, and the allocator setting (which must actually stop the page faults it is
+there for)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from xlab.errors import XLabError
 from xlab.models import XLabModel
 from xlab.models import loss as loss_module
 from xlab.models.loss import head_loss_sums
-from xlab.models.ops import eager_attention, rms_norm
+from xlab.models.ops import Dropout, eager_attention, fast_dropout, rms_norm
 
 
 @pytest.fixture
@@ -173,6 +174,37 @@ def test_rms_norm_equals_torch(dtype):
     assert torch.allclose(y, expected, atol=1e-5)
     assert torch.allclose(w2.grad, w.grad, atol=1e-4)
     assert torch.allclose(x2.grad.float(), x.grad.float(), atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize(("p", "dtype"), [(0.1, torch.bfloat16), (0.5, torch.float32), (0.03, torch.float32)])
+def test_fast_dropout_is_dropout(p, dtype):
+    """As F.dropout: a fraction p zeroed (within 5 binomial standard deviations of 1M draws), the rest scaled by
+    1/(1-p), the gradient through the same mask, a new mask each call, and the
+    masks reproduced by the seed."""
+    x = (torch.rand(1000, 1000) + 0.5).to(dtype).requires_grad_()
+    torch.manual_seed(0)
+    y = fast_dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5, dropped
+    kept = y != 0
+    assert y.dtype == dtype and torch.equal(y[kept], x.detach()[kept] * (1 / (1 - p)))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad * kept * (1 / (1 - p)))
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, p) != 0, kept)
+    assert not torch.equal(fast_dropout(x, p) != 0, kept)
+
+
+def test_dropout_module_takes_the_fast_path_in_training_only():
+    module, x = Dropout(0.25), torch.rand(64, 64) + 0.5
+    assert torch.equal(module.eval()(x), x)
+    torch.manual_seed(1)
+    y = module.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, fast_dropout(x, 0.25)) and 0.15 < (y == 0).float().mean() < 0.35
+    module.p = 0.0
+    assert torch.equal(module(x), x)
 
 
 ALLOCATE = """

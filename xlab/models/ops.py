@@ -1,6 +1,6 @@
 """Ops whose stock PyTorch CPU kernels are slow, written with fewer passes over memory. Each computes what the
-plain PyTorch expression computes (tests/test_fast_paths.py): eager attention (taken per model.attn_impl) and
-RMSNorm (taken by the RMSNorm module on CPUs).
+plain PyTorch expression computes (tests/test_fast_paths.py): eager attention (taken per model.attn_impl), RMSNorm
+(taken by the RMSNorm module on CPUs) and dropout (the Dropout module and eager attention, on CPUs).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def eager_attention(
         bias = torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
     scores = torch.matmul(q, k.transpose(-1, -2))
     scores = torch.add(bias.to(scores.dtype), scores, alpha=q.shape[-1] ** -0.5)
-    probs = F.dropout(torch.softmax(scores, dim=-1), dropout)
+    probs = torch.softmax(scores, dim=-1)
+    probs = fast_dropout(probs, dropout) if dropout > 0 else probs
     return torch.matmul(probs.to(v.dtype), v)
 
 
@@ -89,3 +90,36 @@ class _RMSNorm(torch.autograd.Function):
         dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze_(-1).div_(normed.shape[-1])
         grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd)
         return grad_x.to(ctx.x_dtype), grad_weight.to(weight.dtype), None
+
+
+def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout(x, p) in training: each element zeroed with probability p (to 1/65536), the rest scaled by 1/(1-p).
+    On a CPU torch draws one Bernoulli sample per element (bernoulli_: 25 ms for the 4M attention probabilities of
+    the default's layer); this draws 64 random bits per 4 elements and compares them as int16 (2 ms), which makes
+    the default's step with dropout 0.1 ~1.3x faster (BENCHMARKS.md). Elsewhere, and under torch.compile, F.dropout."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < p < 1:
+        return F.dropout(x, p)
+    return _Dropout.apply(x, p)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):  # type: ignore[override]
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768  # P(keep) = 1 - p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1 / (1 - p)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+class Dropout(torch.nn.Dropout):
+    """nn.Dropout through fast_dropout (its CPU fast path); set_dropout changes p as on nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p) if self.training and self.p > 0 else x

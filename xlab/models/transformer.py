@@ -24,7 +24,7 @@ from xlab.checkpoint.read import Checkpoint
 from xlab.errors import XLabError
 from xlab.models.config import ModelConfig
 from xlab.models.loss import LossSums, head_loss_sums
-from xlab.models.ops import attention_dtype, eager_attention, rms_norm, use_eager_attention
+from xlab.models.ops import Dropout, attention_dtype, eager_attention, rms_norm, use_eager_attention
 from xlab.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
@@ -311,7 +311,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = norm(cfg.d_model, cfg)
         self.mlp = MLPS.get(cfg.mlp)(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
         self, x: torch.Tensor, pos: Positions, rot: Any,
@@ -353,7 +353,7 @@ class XLabModel(nn.Module):
 
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = POS_EMBS.get(cfg.pos_emb)(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         for i, block in enumerate(self.blocks):
             block.attn.layer_idx = i  # its slot in a KVCache

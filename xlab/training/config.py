@@ -110,7 +110,7 @@ class TrainerConfig(Schema):
     on_nan: OnNan = OnNan.stop
     save_best: bool = True  # an evaluation with a new best val loss saves a checkpoint; checkpoints/best points at it
     early_stop_patience: int | None = None  # stop after this many evaluations without a new best val loss
-    # A run of many epochs over its train split trains with more dropout and weight decay (SMALL_DATA_FLOORS in
+    # A run of many epochs over its train split trains with more dropout and weight decay (SMALL_DATA_TIERS in
     # xlab/training/trainer.py), logged at start: measured to pay on small corpora (BENCHMARKS.md, recipes)
     small_data_regularization: bool = True
     # Train for this many seconds of training steps on this machine (start-up, evaluations and checkpoints not

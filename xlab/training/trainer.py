@@ -157,20 +157,22 @@ def _accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision, trackers
     )
 
 
-# Beyond this many epochs regularisation pays for its cost (dropout makes a CPU step up to 1.5x slower): in the recipe
-# benchmark it lost at ~6.6 epochs (4x256) and ~10 (4x128) on pydocs and won at ~13-22 on the Rust book; weight decay
-# 2.0 won on the small corpus and lost below the threshold (BENCHMARKS.md, recipes).
-SMALL_DATA_EPOCHS = 12.0
-SMALL_DATA_FLOORS = {"model.dropout": 0.1, "optimizer.weight_decay": 2.0}
+# Regularisation by epochs over the train split, tier by tier: (more than this many epochs, floors). Below the first
+# tier dropout costs more than it buys (on pydocs at ~6-10 epochs, 4x128 at 300 s: 1.956-1.985 bits per byte with
+# dropout 0.1 and weight decay 2.0 against 1.827-1.871 without); past ~20, dropout 0.2 beat 0.1 (the Rust book at
+# ~22 epochs and the Vim manual at ~40); between the two, 0.1 (BENCHMARKS.md, recipes).
+SMALL_DATA_TIERS = ((12.0, {"model.dropout": 0.1, "optimizer.weight_decay": 2.0}),
+                    (20.0, {"model.dropout": 0.2, "optimizer.weight_decay": 2.0}))
 
 
 def regularize_small_data(cfg: TrainConfig, epochs: float) -> list[str]:
-    """trainer.small_data_regularization: raise dropout and weight decay to SMALL_DATA_FLOORS when the run makes more
-    than SMALL_DATA_EPOCHS epochs over its train split; the changes made, as `key=value` strings."""
-    if not cfg.trainer.small_data_regularization or epochs <= SMALL_DATA_EPOCHS:
+    """trainer.small_data_regularization: raise dropout and weight decay to the floors of the highest of
+    SMALL_DATA_TIERS whose epoch count the run exceeds; the changes made, as `key=value` strings."""
+    passed = [floors for threshold, floors in SMALL_DATA_TIERS if epochs > threshold]
+    if not cfg.trainer.small_data_regularization or not passed:
         return []
     changed = []
-    for key, floor in SMALL_DATA_FLOORS.items():
+    for key, floor in passed[-1].items():
         group, name = key.split(".")
         node = getattr(cfg, group)
         if getattr(node, name) < floor:
