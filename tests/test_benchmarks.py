@@ -67,6 +67,11 @@ def test_attention_benchmark_prints_both_impls():
     assert re.search(rf"\| 2x2x16 \| fp32 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|", out), out
 
 
+def test_dropout_benchmark_prints_every_variant():
+    out = run("dropout.py", "--shapes", "4x8", "--steps", "1", "--dtype", "fp32")
+    assert re.search(rf"\| 4x8 \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|", out), out
+
+
 def test_train_loop_benchmark_compares_the_trainer_with_the_old_loop():
     out = run("train_throughput.py", "--loop", "--set", "n_layer=1", "d_model=32", "n_head=2", "--vocab", "300",
               "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--precision", "fp32", "bf16")

@@ -179,18 +179,18 @@ def test_rms_norm_equals_torch(dtype):
 @pytest.mark.parametrize(("p", "dtype"), [(0.1, torch.bfloat16), (0.5, torch.float32), (0.03, torch.float32)])
 def test_fast_dropout_is_dropout(p, dtype):
     """As F.dropout: a fraction p zeroed (within 5 binomial standard deviations of 1M draws), the rest scaled by
-    1/(1-p), the gradient through the same mask, a new mask each call, and the
+    1/(1-p) in x's dtype, the gradient through the same mask, a new mask each call, and the
     masks reproduced by the seed."""
     x = (torch.rand(1000, 1000) + 0.5).to(dtype).requires_grad_()
     torch.manual_seed(0)
     y = fast_dropout(x, p)
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5, dropped
-    kept = y != 0
-    assert y.dtype == dtype and torch.equal(y[kept], x.detach()[kept] * (1 / (1 - p)))
+    kept, scale = y != 0, torch.tensor(1 / (1 - p), dtype=dtype)  # the scale in x's dtype, as F.dropout's
+    assert y.dtype == dtype and torch.equal(y[kept], x.detach()[kept] * scale)
     grad = torch.randn_like(y)
     y.backward(grad)
-    assert torch.equal(x.grad, grad * kept * (1 / (1 - p)))
+    assert torch.equal(x.grad, grad * (kept * scale))
     torch.manual_seed(0)
     assert torch.equal(fast_dropout(x, p) != 0, kept)
     assert not torch.equal(fast_dropout(x, p) != 0, kept)

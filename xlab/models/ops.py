@@ -108,14 +108,14 @@ class _Dropout(torch.autograd.Function):
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768  # P(keep) = 1 - p
-        ctx.save_for_backward(keep)
-        ctx.scale = 1 / (1 - p)
-        return x.mul(keep).mul_(ctx.scale)
+        scaled = keep.to(x.dtype).mul_(1 / (1 - p))  # in x's dtype, as F.dropout scales its mask
+        ctx.save_for_backward(scaled)
+        return x * scaled
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        (scaled,) = ctx.saved_tensors
+        return grad * scaled, None
 
 
 class Dropout(torch.nn.Dropout):
