@@ -76,6 +76,13 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "v1k": (["tokenizer.vocab_size=1024"], None),
     "drop2": (["model.dropout=0.2"], None),  # more of the small-data rule's dropout, attention's included
     "drop3": (["model.dropout=0.3"], None),
+    # Muon with AdamW's lr and weight decay (Moonshot's update scale): the small-data rule's decay means the same
+    "muon_rms": (["optimizer=muon", "optimizer.muon_lr_scale=match_rms_adamw", "optimizer.lr=3e-3",
+                  "optimizer.weight_decay=1.0"], None),
+    "muon_rms_lr2": (["optimizer=muon", "optimizer.muon_lr_scale=match_rms_adamw", "optimizer.lr=2e-3",
+                      "optimizer.adam_lr=3e-3", "optimizer.weight_decay=1.0"], None),
+    "zero_init": (["model.residual_init=zero"], None),  # every block starts as the identity (modded-nanogpt)
+    "beta99": (["optimizer.betas=[0.9,0.99]"], None),  # nanoGPT's beta2 for small batches
     "default_noreg": (["trainer.small_data_regularization=false"], None),
     "reg_resid": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2"], None),
     "reg_resid_lin0": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2",
@@ -128,18 +135,19 @@ def train(run_dir: Path, overrides: list[str], extra: list[str], threads: int | 
     return time.perf_counter() - start
 
 
-def speed_ratio(probe_dir: Path, baseline: list[str], recipe: list[str]) -> float:
+def speed_ratio(probe_dir: Path, baseline: list[str], recipe: list[str], steps: int = BASELINE_STEPS) -> float:
     """Baseline step time / recipe step time: Trainer.train_step of both, built from their real configs (configured
-    for BASELINE_STEPS, so step-count rules such as trainer.small_data_regularization decide as in a run of about
+    for the baseline's steps, so step-count rules such as trainer.small_data_regularization decide as in a run of about
     that length), taking turns step by step in one subprocess, so the VM's speed and load cancel out."""
-    cmd = [sys.executable, __file__, "--speed-probe", json.dumps([baseline, recipe]), "--out", str(probe_dir)]
+    cmd = [sys.executable, __file__, "--speed-probe", json.dumps([baseline, recipe]), "--out", str(probe_dir),
+           "--baseline-steps", str(steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"speed probe failed:\n{proc.stderr[-3000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def speed_probe(pair: list[list[str]], probe_dir: Path) -> None:
+def speed_probe(pair: list[list[str]], probe_dir: Path, steps: int = BASELINE_STEPS) -> None:
     """--speed-probe: print the step-time ratio of pair[0] to pair[1] (median of PROBE_STEPS turns after warm-up)."""
     from hydra import compose, initialize_config_dir
 
@@ -151,7 +159,7 @@ def speed_probe(pair: list[list[str]], probe_dir: Path) -> None:
     trainers = []
     for i, overrides in enumerate(pair):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*overrides, f"trainer.max_steps={BASELINE_STEPS}",
+            cfg = compose(config_name="train", overrides=[*overrides, f"trainer.max_steps={steps}",
                                                           "logger=none"])
         trainers.append(Trainer(cfg, probe_dir / str(i)))
     times: list[list[float]] = [[], []]
@@ -255,8 +263,9 @@ def nanogpt_lr(it: int, max_iters: int | None) -> float:
 def nanogpt_run(overrides: list[str], budget_s: float, seed: int, evals: int = EVALS) -> dict:
     """--nanogpt-run: benchmarks/reference_gpt.py trained with NANOGPT on XLab's tokenized splits of the corpus the
     overrides name, for budget_s seconds of training steps (max_iters set from the step time measured over the first
-    steps, by xlab.training.budget, as trainer.time_budget_s sets max_steps, so the cosine ends at the budget), then
-    scored like XLab (score_windows): test bits per byte of the last weights and of those with the best val loss."""
+    steps and re-planned, by xlab.training.budget, as trainer.time_budget_s sets max_steps, so the cosine ends at the
+    budget), then scored like XLab (score_windows): test bits per byte of the last weights and of those with the best
+    val loss."""
     import copy
 
     import torch
@@ -285,7 +294,7 @@ def nanogpt_run(overrides: list[str], budget_s: float, seed: int, evals: int = E
         opt.zero_grad(set_to_none=True)
         it, seconds = it + 1, time.perf_counter() - started
         trained += seconds
-        max_iters = max_iters or budget.observe(it, seconds)
+        max_iters = budget.observe(it, seconds, max_iters) or max_iters  # the probe's plan, then re-plans
         if max_iters is not None and (it % max(1, max_iters // evals) == 0 or it >= max_iters):
             val = score("val", 20)["bits_per_byte"]  # evaluation: outside the budget, as in XLab
             best = (val, copy.deepcopy(model.state_dict())) if val < best[0] else best
@@ -297,14 +306,18 @@ def nanogpt_run(overrides: list[str], budget_s: float, seed: int, evals: int = E
             "test_bpb_last": last["bits_per_byte"], "test_acc_last": last["accuracy"]}
 
 
-def plan(out: Path, corpus: str, recipe: str, seed: int) -> tuple[list[str], int, float]:
-    """(train overrides, steps, speed vs the baseline) of one run: BASELINE_STEPS x the measured speed ratio."""
+def plan(out: Path, corpus: str, recipe: str, seed: int, baseline: str = "gpt2_900",
+         baseline_steps: int = BASELINE_STEPS) -> tuple[list[str], int, float]:
+    """(train overrides, steps, speed vs the baseline) of one run: the baseline's steps x the measured speed ratio."""
     overrides, fixed_steps = RECIPES[recipe]
     overrides = [*CORPORA[corpus], *overrides, f"seed={seed}"]
     if fixed_steps is not None:
         return overrides, fixed_steps, 1.0
-    ratio = speed_ratio(out / "probes" / f"{corpus}-{recipe}-{seed}", [*CORPORA[corpus], *GPT2_435677F], overrides)
-    return overrides, round(BASELINE_STEPS * ratio), ratio
+    if recipe == baseline:
+        return overrides, baseline_steps, 1.0
+    ratio = speed_ratio(out / "probes" / f"{corpus}-{recipe}-{seed}", [*CORPORA[corpus], *RECIPES[baseline][0]],
+                        overrides, baseline_steps)
+    return overrides, round(baseline_steps * ratio), ratio
 
 
 def run_budget(out: Path, corpus: str, recipe: str, seed: int, budget_s: float) -> dict:
@@ -408,11 +421,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (the cores are split between them)")
     ap.add_argument("--budget", type=float, help="equal wall-clock: each recipe trains this many seconds of training "
                     "steps (trainer.time_budget_s) instead of the baseline's step-time ratio")
+    ap.add_argument("--baseline", default="gpt2_900", choices=list(RECIPES), help="equal compute: the recipe whose "
+                    "steps set the others' (each trains as long as the baseline's steps take, at its own speed)")
+    ap.add_argument("--baseline-steps", type=int, default=BASELINE_STEPS, help="the baseline's steps")
     ap.add_argument("--speed-probe", help=argparse.SUPPRESS)  # internal: the subprocess of speed_ratio
     ap.add_argument("--nanogpt-run", help=argparse.SUPPRESS)  # internal: the subprocess of run_budget
     args = ap.parse_args()
     if args.speed_probe:
-        return speed_probe(json.loads(args.speed_probe), args.out)
+        return speed_probe(json.loads(args.speed_probe), args.out, args.baseline_steps)
     if args.nanogpt_run:
         return print(json.dumps(nanogpt_run(*json.loads(args.nanogpt_run))))
     if args.budget:
@@ -426,7 +442,7 @@ def main() -> None:
             if not any((d["corpus"], d["recipe"], d["seed"]) == (c, r, s) for d in done)]
     # Speed probes first, one at a time; the trainings may then share the machine (--jobs): their step counts are
     # fixed, so sharing changes how long they take, not what they compute.
-    plans = {key: plan(args.out, *key) for key in todo}
+    plans = {key: plan(args.out, *key, args.baseline, args.baseline_steps) for key in todo}
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_recipe, args.out, *key, plans[key], threads) for key in todo]

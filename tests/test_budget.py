@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,38 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch):
         return now[0]
 
     monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_steps_slower_than_the_probe_are_caught_by_the_re_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog):
+    """Steps that turn twice as slow after the probe (a VM's speed drifts): the plan made from the probe would run
+    ~1.7x over the budget; the re-plans end the run within a step of it, and the schedule still decays to 0 there."""
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += STEP_SECONDS if now[0] < 1.0 else 2 * STEP_SECONDS
+        return now[0]
+
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=perf_counter))
+    cfg = budget_config()
+    cfg.trainer.time_budget_s = 2.5
+    with caplog.at_level(logging.INFO):
+        train(cfg, tmp_path)
+    probe_plan = int(re.search(r"over the probe's last 10 steps, so max_steps=(\d+) ", caplog.text)[1])
+    assert " of 2.5 s spent at step" in caplog.text and "at this pace max_steps=" in caplog.text
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == state["budget_steps"] < probe_plan
+    assert 2.5 - 2 * STEP_SECONDS < state["budget_spent_s"] <= 2.5
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path) if "lr" in r}
+    assert max(lrs) == state["step"] and lrs[state["step"]] == 0.0
+
+
+def test_re_plans_come_at_fractions_of_the_plan_and_use_the_pace_since_the_last():
+    budget = TimeBudget(10.0)
+    plan = [budget.observe(step, 0.25) for step in range(1, PROBE_STEPS + 2)][-1]
+    assert plan == 40 and budget.next_replan(plan) == 20  # 0.25 x 40 = 10 is behind the probe's step 11
+    assert [budget.observe(step, 0.5, plan) for step in range(12, 21)][-1] == 20 + int((10.0 - 2.75 - 4.5) // 0.5)
+    assert budget.observe(21, 0.5, 25) is None  # not a re-plan step of a 25-step plan (its re-plans: 6, 12, 19, 22)
 
 
 def budget_config(**trainer):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from xlab.cli import CONFIG_DIR, register_schema
 from xlab.models import XLabModel
 from xlab.models.config import ModelConfig
-from xlab.training.config import OptimizerConfig, SchedulerConfig, TrainConfig
+from xlab.training.config import MuonLrScale, OptimizerConfig, SchedulerConfig, TrainConfig
 from xlab.training.optimizers import OPTIMIZERS
 from xlab.training.schedulers import SCHEDULERS, build_scheduler
 
@@ -80,6 +80,25 @@ def test_muon_splits_hidden_matrices_from_the_rest():
     sched = build_scheduler(opt, SchedulerConfig(warmup_steps=10), 100)  # the schedule scales both parts
     assert [g["lr"] for g in muon.param_groups + adam.param_groups] == pytest.approx([0.002, 3e-4, 3e-4])
     assert sched.get_last_lr() == pytest.approx([0.002, 3e-4, 3e-4])
+
+
+def test_muon_with_adamw_matched_updates_moves_a_matrix_as_far_as_adamw_would():
+    """optimizer.muon_lr_scale=match_rms_adamw: an update of RMS 0.2 x lr (AdamW's typical size), so lr and weight
+    decay mean what they mean for AdamW; `original` moves a square matrix by lr / sqrt(n) per element."""
+    moved = {}
+    for scale in MuonLrScale:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 256, bias=False)
+        model = torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([layer])})
+        opt = OPTIMIZERS.get("muon")(model, OptimizerConfig(name="muon", lr=1e-3, weight_decay=0.0,
+                                                             muon_lr_scale=scale))
+        before = layer.weight.detach().clone()
+        layer.weight.grad = torch.randn_like(layer.weight)
+        opt.step()
+        moved[scale] = (layer.weight.detach() - before).pow(2).mean().sqrt().item()
+    # the orthogonalised update of a 256 x 64 matrix has RMS ~ 1/sqrt(256); match_rms_adamw scales it by 0.2 x 16
+    assert moved[MuonLrScale.match_rms_adamw] == pytest.approx(0.2e-3, rel=0.3)
+    assert moved[MuonLrScale.original] == pytest.approx(2 * 1e-3 / 16, rel=0.3)  # sqrt(256 / 64) = 2
 
 
 def test_adamw_has_no_decay_on_norms_biases_embeddings():

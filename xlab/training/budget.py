@@ -2,9 +2,12 @@
 
 The time of the first PROBE_STEPS steps after the first one (which pays for allocations and any torch.compile) is
 measured; max_steps becomes the steps done plus as many more as fit in the rest of the budget at that step time, so
-the learning-rate schedule decays exactly at the budget's end. The budget counts training steps only: start-up,
-evaluations and checkpoints are not in it (they depend on the cadence one picks, not on the recipe). The chosen count
-is recorded in state.json (`budget_steps`): a resumed run continues the same schedule instead of measuring again.
+the learning-rate schedule decays at the budget's end. Steps do not keep the probe's pace (a VM's speed drifts by
+10-20% within minutes; the first steps of a run are not its typical ones), so the plan is made again at
+REPLAN_FRACTIONS of it, from the mean step time since the last plan: the run ends within a few steps of the budget.
+The budget counts training steps only: start-up, evaluations and checkpoints are not in it (they depend on the
+cadence one picks, not on the recipe). The plan and the seconds spent are recorded in state.json (`budget_steps`,
+`budget_spent_s`, `budget_mark`): a resumed run continues the same schedule instead of measuring again.
 """
 
 from __future__ import annotations
@@ -13,25 +16,50 @@ import math
 import statistics
 
 PROBE_STEPS = 10  # timed steps after the first: enough for a stable median, short against any useful budget
+# where the plan is made again, as fractions of the planned steps: steps, not seconds, so that every rank of a
+# distributed run re-plans at the same step
+REPLAN_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 
 
 class TimeBudget:
-    """Collects step times and, once the probe is complete, says how many steps the whole run gets."""
+    """Collects step times; says how many steps the whole run gets once the probe is complete, and again at each
+    re-plan."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, spent: float = 0.0, mark: tuple[int, float] | None = None) -> None:
         self.seconds = seconds
-        self.times: list[float] = []  # seconds of each step so far, the first one included
+        self.spent = spent  # seconds of the steps so far
+        self.times: list[float] = []  # seconds of each probe step, the first one included
+        self.mark = mark  # (step, spent) when the last plan was made; None while probing
 
     @property
     def probing(self) -> bool:
-        return len(self.times) <= PROBE_STEPS
+        return self.mark is None
 
-    def observe(self, step: int, seconds: float) -> int | None:
-        """Record the time of optimizer step `step` (1-based); at the probe's last step, the run's total steps."""
-        self.times.append(seconds)
-        if len(self.times) != PROBE_STEPS + 1:
+    def probe_again(self) -> None:
+        """Time the next steps afresh (their cost changed: the small-data rule added dropout)."""
+        self.times, self.mark = [], None
+
+    def next_replan(self, horizon: int) -> int | None:
+        """The step of the next re-plan of a run planned to end at `horizon` (None: no more, or still probing)."""
+        if self.mark is None:
             return None
-        return step + max(0, math.floor((self.seconds - sum(self.times)) / self.step_time))
+        return next((s for f in REPLAN_FRACTIONS if self.mark[0] < (s := round(f * horizon)) < horizon), None)
+
+    def observe(self, step: int, seconds: float, horizon: int | None = None) -> int | None:
+        """Record the time of optimizer step `step` (1-based). At the probe's last step and at each re-plan step of
+        the current `horizon`, the run's total steps; else None."""
+        self.spent += seconds
+        if self.mark is None:
+            self.times.append(seconds)
+            return self._plan(step, self.step_time) if len(self.times) == PROBE_STEPS + 1 else None
+        if horizon is None or step != self.next_replan(horizon):
+            return None
+        mark_step, mark_spent = self.mark
+        return self._plan(step, (self.spent - mark_spent) / (step - mark_step))
+
+    def _plan(self, step: int, step_time: float) -> int:
+        self.mark = (step, self.spent)
+        return step + max(0, math.floor((self.seconds - self.spent) / max(step_time, 1e-9)))
 
     @property
     def step_time(self) -> float:

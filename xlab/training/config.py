@@ -28,6 +28,15 @@ class Strategy(Choice):
     fsdp = "fsdp"  # FSDP2 (fully_shard per Block), on CPU ranks (gloo) and GPUs alike: xlab/training/parallel.py
 
 
+class MuonLrScale(Choice):
+    """How torch's Muon scales optimizer.lr per matrix (its adjust_lr_fn)."""
+
+    original = "original"  # Keller Jordan's: lr x sqrt(max(1, rows/cols)); lr ~0.02
+    # Moonshot's ("Muon is scalable", 2025): lr x 0.2 x sqrt(max(rows, cols)), an update as large as AdamW's, so
+    # AdamW's lr and weight decay carry over (lr x weight decay shrinks the weights each step, as AdamW's does)
+    match_rms_adamw = "match_rms_adamw"
+
+
 class OnNan(Choice):
     stop = "stop"  # stop before the bad update, save the last good weights as nan_step_N, fail naming the step
     skip = "skip"  # drop the update, count it (skipped_steps)
@@ -60,6 +69,7 @@ class OptimizerConfig(Schema):
     momentum: float = 0.95  # muon and sgd
     nesterov: bool = True  # muon and sgd
     adam_lr: float | None = None  # muon: lr of the AdamW part (embeddings, head, norms, biases); None = lr
+    muon_lr_scale: MuonLrScale = MuonLrScale.original  # muon: how lr scales per matrix
 
     # betas (two of them, in [0, 1)): xlab/training/optimizers.py
     LIMITS = {"lr": POSITIVE, "adam_lr": POSITIVE, "eps": POSITIVE, "weight_decay": NON_NEGATIVE,
@@ -114,9 +124,9 @@ class TrainerConfig(Schema):
     # xlab/training/trainer.py), logged at start: measured to pay on small corpora (BENCHMARKS.md, recipes)
     small_data_regularization: bool = True
     # Train for this many seconds of training steps on this machine (start-up, evaluations and checkpoints not
-    # counted): max_steps is set from the step time measured over the first steps, so the schedule decays at the
-    # budget's end; the chosen count is logged and kept in state.json, so resume continues that schedule
-    # (xlab/training/budget.py). null: train max_steps steps, the reproducible default
+    # counted): max_steps is set from the step time measured over the first steps and re-planned at fractions of
+    # the run, so the schedule decays at the budget's end; the plan is logged and kept in state.json, so resume
+    # continues that schedule (xlab/training/budget.py). null: train max_steps steps, the reproducible default
     time_budget_s: float | None = None
     # An exponential moving average of the weights (e.g. 0.99), the model that is evaluated and saved as
     # model.safetensors (the trained weights beside it, for resume): xlab/training/ema.py. null: no averaging

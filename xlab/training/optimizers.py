@@ -104,6 +104,6 @@ def muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
     muon_opt = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov)
+                                nesterov=cfg.nesterov, adjust_lr_fn=cfg.muon_lr_scale.value)
     adam_opt = _adamw(param_groups(model, cfg.weight_decay, rest), cfg, cfg.adam_lr or cfg.lr)
     return CombinedOptimizer([muon_opt, adam_opt])

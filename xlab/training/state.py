@@ -25,7 +25,9 @@ class TrainState:
     trackers: dict[str, str] = field(default_factory=dict)  # tracker run ids, so a resumed W&B run continues
     best: Best | None = None
     evals_since_best: int = 0  # evaluations since the best one (trainer.early_stop_patience)
-    budget_steps: int | None = None  # trainer.time_budget_s: the max_steps its probe chose
+    budget_steps: int | None = None  # trainer.time_budget_s: the max_steps it chose (its probe, then re-plans)
+    budget_spent_s: float = 0.0  # and the seconds of training steps so far
+    budget_mark: list[float] | None = None  # [step, seconds spent] at its last plan (xlab/training/budget.py)
     small_data: list[str] | None = None  # the small-data rule's changes when a budget's probe decided them
     rank_weight_checksums: list[float] = field(default_factory=list)  # at the last save: each rank's weights (DDP:
     weight_checksum: float | None = None  # equal on every rank; FSDP: its shards) and the whole model's sum
@@ -35,7 +37,8 @@ class TrainState:
                 "sampler": self.sampler, "trackers": self.trackers, "rank_weight_checksums": self.rank_weight_checksums,
                 "weight_checksum": self.weight_checksum,
                 "best": None if self.best is None else asdict(self.best), "evals_since_best": self.evals_since_best,
-                "budget_steps": self.budget_steps, "small_data": self.small_data}
+                "budget_steps": self.budget_steps, "budget_spent_s": self.budget_spent_s,
+                "budget_mark": self.budget_mark, "small_data": self.small_data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Also reads the state.json of checkpoints written before a key existed (its default is kept)."""
@@ -50,6 +53,9 @@ class TrainState:
         self.evals_since_best = int(state.get("evals_since_best", 0))
         budget = state.get("budget_steps")
         self.budget_steps = None if budget is None else int(budget)
+        self.budget_spent_s = float(state.get("budget_spent_s", 0.0))
+        mark = state.get("budget_mark")
+        self.budget_mark = None if mark is None else [int(mark[0]), float(mark[1])]
         small = state.get("small_data")
         self.small_data = None if small is None else [str(change) for change in small]
 

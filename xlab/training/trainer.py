@@ -267,7 +267,7 @@ class Trainer:
     started: float  # when fit() began (trainer.max_time_s)
     report_memory: bool  # the memory line of the first step is still due
     first_step: bool  # the first step's time (compile included) is still due
-    budget: TimeBudget | None  # trainer.time_budget_s, until its probe has chosen max_steps
+    budget: TimeBudget | None  # trainer.time_budget_s: its probe, then its re-plans of max_steps
 
     def __init__(self, cfg: TrainConfig | DictConfig, run_dir: str | Path) -> None:
         self.cfg, init = as_train_config(cfg)
@@ -363,7 +363,9 @@ class Trainer:
         self.saved_step = self.state.step
         if self.state.budget_steps is not None:  # the budget's schedule, as chosen before the checkpoint
             self.set_horizon(self.state.budget_steps)
-            self.budget = None
+            mark = self.state.budget_mark  # None in checkpoints from before re-planning: that plan stays
+            self.budget = None if mark is None or self.budget is None else \
+                TimeBudget(self.budget.seconds, self.state.budget_spent_s, (mark[0], mark[1]))
         if self.state.small_data is not None:  # and the small-data rule as decided then (after the configured
             self.rule_after_probe = False      # optimizer settings were put back over the checkpoint's)
             self._regularize_now(self.state.small_data)
@@ -463,7 +465,7 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum_steps micro-batches, then the (NaN-guarded) update."""
-        timed = self.first_step or self.budget is not None
+        timed = self.first_step or self.budget is not None  # the budget times every step: its cost is two clock reads
         started = time.perf_counter() if timed else 0.0
         step_loss = torch.zeros((), device=self.device)
         for _ in range(self.t.grad_accum_steps):
@@ -477,7 +479,7 @@ class Trainer:
             self.ema.update(self.state.step)
         if not timed:  # the hot path: no clock, no device sync
             return
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self._sync_now():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         if self.first_step:  # the compile happens in this process's first step: its cost, once
@@ -487,35 +489,50 @@ class Trainer:
         if self.budget is not None:
             self.observe_budget(seconds)
 
+    def _sync_now(self) -> bool:
+        """Wait for the device's queue at the first step, the probe's steps and re-plans: between those the steps'
+        launch times add up to the device's (the queue it leaves is waited for at the next evaluation or re-plan)."""
+        return self.first_step or self.budget is None or self.budget.probing or \
+            self.state.step == self.budget.next_replan(self.t.max_steps)
+
     def observe_budget(self, seconds: float) -> None:
-        """trainer.time_budget_s: once its probe is complete, set max_steps (every rank the same: the slowest's).
-        Then the small-data rule decides from those steps; dropout it adds changes the step's cost, so the rest of
-        the budget is measured again."""
-        chosen = self.budget.observe(self.state.step, seconds)
+        """trainer.time_budget_s: at the end of its probe and at each re-plan, set max_steps (every rank the same: the
+        slowest's). After the probe the small-data rule decides from those steps; dropout it adds changes the step's
+        cost, so the rest of the budget is timed again."""
+        probing = self.budget.probing
+        chosen = self.budget.observe(self.state.step, seconds, self.t.max_steps)
+        self.state.budget_spent_s = self.budget.spent
         if chosen is None:
             return
         if self.world > 1:
             chosen = int(self.accelerator.gather(torch.tensor([chosen], device=self.device)).min())
-        if self.rule_after_probe:
+        if probing and self.rule_after_probe:
             self.rule_after_probe = False
             epochs = chosen * self.tokens_per_step * self.world / max(self.train_tokens, 1)
             changed = self.state.small_data = regularize_small_data(self.cfg, epochs)
             self._report_small_data(changed, epochs)
             self._regularize_now(changed)
             if any(change.startswith("model.dropout=") for change in changed):
-                left = self.budget.seconds - sum(self.budget.times)
                 if self.main:
                     log.info("time budget: dropout changes the step's cost; timing the next steps for the %.0f s "
-                             "left", left)
-                self.budget = TimeBudget(left)
+                             "left", self.budget.seconds - self.budget.spent)
+                self.budget.probe_again()
                 self.set_horizon(chosen, record=False)  # until the new timing ends
                 return
         if self.main:
-            log.info("time budget %.0f s: %.3f s per step over steps 2-%d, so max_steps=%d (trainer.max_steps=%d "
-                     "set aside)", self.budget.seconds, self.budget.step_time, self.state.step, chosen,
-                     self.t.max_steps)
+            self._report_plan(probing, chosen)
+        self.state.budget_mark = list(self.budget.mark)
         self.set_horizon(chosen)
-        self.budget = None
+
+    def _report_plan(self, probing: bool, chosen: int) -> None:
+        budget, step = self.budget, self.state.step
+        if probing:
+            log.info("time budget %.4g s: %.3f s per step over the probe's last %d steps, so max_steps=%d "
+                     "(trainer.max_steps=%d set aside)", budget.seconds, budget.step_time, len(budget.times) - 1,
+                     chosen, self.t.max_steps)
+        elif chosen != self.t.max_steps:
+            log.info("time budget: %.4g of %.4g s spent at step %d; at this pace max_steps=%d (was %d)",
+                     budget.spent, budget.seconds, step, chosen, self.t.max_steps)
 
     def _regularize_now(self, changed: list[str]) -> None:
         """The small-data rule's `key=value` changes into the built model, optimizer and saved config."""
