@@ -76,6 +76,10 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "v1k": (["tokenizer.vocab_size=1024"], None),
     "drop2": (["model.dropout=0.2"], None),  # more of the small-data rule's dropout, attention's included
     "drop3": (["model.dropout=0.3"], None),
+    "drop2_tied": (["model.dropout=0.2", "model.tie_embeddings=true"], None),  # the head shares the embedding
+    "drop2_wd4": (["model.dropout=0.2", "optimizer.weight_decay=4.0"], None),
+    # fixed data: a wider model, regularised harder, instead of more epochs (Kim et al. 2025)
+    "d192_drop2": (["model.d_model=192", "model.n_head=3", "model.dropout=0.2"], None),
     # Muon with AdamW's lr and weight decay (Moonshot's update scale): the small-data rule's decay means the same
     "muon_rms": (["optimizer=muon", "optimizer.muon_lr_scale=match_rms_adamw", "optimizer.lr=3e-3",
                   "optimizer.weight_decay=1.0"], None),
