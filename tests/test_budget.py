@@ -73,7 +73,9 @@ def test_re_plans_come_at_fractions_of_the_plan_and_use_the_pace_since_the_last(
     plan = [budget.observe(step, 0.25) for step in range(1, PROBE_STEPS + 2)][-1]
     assert plan == 40 and budget.next_replan(plan) == 20  # 0.25 x 40 = 10 is behind the probe's step 11
     assert [budget.observe(step, 0.5, plan) for step in range(12, 21)][-1] == 20 + int((10.0 - 2.75 - 4.5) // 0.5)
-    assert budget.observe(21, 0.5, 25) is None  # not a re-plan step of a 25-step plan (its re-plans: 6, 12, 19, 22)
+    # a 25-step plan's re-plan steps are 6, 12, 19 and 22: 22 would time only 2 steps since step 20, so none is left
+    assert budget.next_replan(25) is None and budget.observe(22, 0.5, 25) is None
+    assert budget.next_replan(60) == 30  # a longer plan: 30 is 10 steps (1/6 of it) past the last re-plan
 
 
 def budget_config(**trainer):

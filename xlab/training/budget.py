@@ -4,7 +4,8 @@ The time of the first PROBE_STEPS steps after the first one (which pays for allo
 measured; max_steps becomes the steps done plus as many more as fit in the rest of the budget at that step time, so
 the learning-rate schedule decays at the budget's end. Steps do not keep the probe's pace (a VM's speed drifts by
 10-20% within minutes; the first steps of a run are not its typical ones), so the plan is made again at
-REPLAN_FRACTIONS of it, from the mean step time since the last plan: the run ends within a few steps of the budget.
+REPLAN_FRACTIONS of it (REPLAN_MIN_WINDOW apart), from the mean step time since the last plan: the run ends within a
+few steps of the budget.
 The budget counts training steps only: start-up, evaluations and checkpoints are not in it (they depend on the
 cadence one picks, not on the recipe). The plan and the seconds spent are recorded in state.json (`budget_steps`,
 `budget_spent_s`, `budget_mark`): a resumed run continues the same schedule instead of measuring again.
@@ -19,6 +20,9 @@ PROBE_STEPS = 10  # timed steps after the first: enough for a stable median, sho
 # where the plan is made again, as fractions of the planned steps: steps, not seconds, so that every rank of a
 # distributed run re-plans at the same step
 REPLAN_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+# a re-plan times at least this fraction of the plan since the last one: a new horizon moves the fractions' steps, and
+# one just past the last re-plan would time a handful of steps (one slow step would then move the end by percents)
+REPLAN_MIN_WINDOW = 0.1
 
 
 class TimeBudget:
@@ -43,7 +47,8 @@ class TimeBudget:
         """The step of the next re-plan of a run planned to end at `horizon` (None: no more, or still probing)."""
         if self.mark is None:
             return None
-        return next((s for f in REPLAN_FRACTIONS if self.mark[0] < (s := round(f * horizon)) < horizon), None)
+        earliest = self.mark[0] + max(1.0, REPLAN_MIN_WINDOW * horizon)
+        return next((s for f in REPLAN_FRACTIONS if earliest <= (s := round(f * horizon)) < horizon), None)
 
     def observe(self, step: int, seconds: float, horizon: int | None = None) -> int | None:
         """Record the time of optimizer step `step` (1-based). At the probe's last step and at each re-plan step of
