@@ -83,8 +83,6 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     # Muon with AdamW's lr and weight decay (Moonshot's update scale): the small-data rule's decay means the same
     "muon_rms": (["optimizer=muon", "optimizer.muon_lr_scale=match_rms_adamw", "optimizer.lr=3e-3",
                   "optimizer.weight_decay=1.0"], None),
-    "muon_rms_lr2": (["optimizer=muon", "optimizer.muon_lr_scale=match_rms_adamw", "optimizer.lr=2e-3",
-                      "optimizer.adam_lr=3e-3", "optimizer.weight_decay=1.0"], None),
     "zero_init": (["model.residual_init=zero"], None),  # every block starts as the identity (modded-nanogpt)
     "beta99": (["optimizer.betas=[0.9,0.99]"], None),  # nanoGPT's beta2 for small batches
     "default_noreg": (["trainer.small_data_regularization=false"], None),
