@@ -85,6 +85,16 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
                   "optimizer.weight_decay=1.0"], None),
     "zero_init": (["model.residual_init=zero"], None),  # every block starts as the identity (modded-nanogpt)
     "beta99": (["optimizer.betas=[0.9,0.99]"], None),  # nanoGPT's beta2 for small batches
+    # per-group learning rates (nanochat, modded-nanogpt: embeddings far above the matrices, the head below)
+    "elr3": (["optimizer.embed_lr_scale=3"], None),
+    "elr10": (["optimizer.embed_lr_scale=10"], None),
+    "elr5": (["optimizer.embed_lr_scale=5"], None),
+    "elr2": (["optimizer.embed_lr_scale=2"], None),
+    "hlr2": (["optimizer.head_lr_scale=2"], None),
+    "hlr03": (["optimizer.head_lr_scale=0.3"], None),
+    "c128": (["model.max_len=128", "trainer.batch_size=32"], None),  # the same tokens a step, half the attention
+    "h2": (["model.n_head=2"], None),  # head dim 64 instead of 32
+    "rdrop1": (["model.dropout=0.1", "model.attn_dropout=0.0"], None),  # residual dropout only: 0.93x the speed
     "default_noreg": (["trainer.small_data_regularization=false"], None),
     "reg_resid": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2"], None),
     "reg_resid_lin0": (["model.dropout=0.1", "model.attn_dropout=0.0", "optimizer.weight_decay=0.2",

@@ -111,6 +111,27 @@ def test_adamw_has_no_decay_on_norms_biases_embeddings():
         <= no_decay_ids
 
 
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_embeddings_and_head_train_at_their_own_lr_scale(name):
+    """optimizer.embed_lr_scale / head_lr_scale: the token embeddings and the untied head get groups of their own at
+    lr x scale (muon: its AdamW part's lr), which the schedule scales like the rest; at 1 the groups are as before."""
+    model = XLabModel(128, **{**group_option("model", "xlab"), "n_layer": 1, "d_model": 32, "n_head": 2})
+    plain = OPTIMIZERS.get(name)(model, OptimizerConfig(name=name, lr=0.01, adam_lr=0.002))
+    cfg = OptimizerConfig(name=name, lr=0.01, adam_lr=0.002, weight_decay=0.5, embed_lr_scale=3, head_lr_scale=0.5)
+    opt = OPTIMIZERS.get(name)(model, cfg)
+    assert len(opt.param_groups) == len(plain.param_groups) + 2
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    emb, head = group_of[id(model.tok_emb.weight)], group_of[id(model.lm_head.weight)]
+    assert emb["params"] == [model.tok_emb.weight] and head["params"] == [model.lm_head.weight]
+    base = 0.002 if name == "muon" else 0.01  # the lr of the AdamW part
+    assert (emb["lr"], emb["weight_decay"]) == (pytest.approx(3 * base), 0.0)  # embeddings are never decayed
+    assert (head["lr"], head["weight_decay"]) == (pytest.approx(0.5 * base), 0.5)
+    assert group_of[id(model.blocks[0].mlp.fc.weight)]["lr"] == pytest.approx(0.01)
+    build_scheduler(opt, SchedulerConfig(warmup_steps=10), 100)
+    assert (emb["lr"], head["lr"]) == (pytest.approx(0.3 * base), pytest.approx(0.05 * base))
+
+
 WARMUP, MAX = 10, 110
 
 

@@ -70,10 +70,13 @@ class OptimizerConfig(Schema):
     nesterov: bool = True  # muon and sgd
     adam_lr: float | None = None  # muon: lr of the AdamW part (embeddings, head, norms, biases); None = lr
     muon_lr_scale: MuonLrScale = MuonLrScale.original  # muon: how lr scales per matrix
+    embed_lr_scale: float = 1.0  # the token embeddings' lr = lr (muon: adam_lr) x this
+    head_lr_scale: float = 1.0  # the untied output head's lr = lr (muon: adam_lr) x this
 
     # betas (two of them, in [0, 1)): xlab/training/optimizers.py
     LIMITS = {"lr": POSITIVE, "adam_lr": POSITIVE, "eps": POSITIVE, "weight_decay": NON_NEGATIVE,
-              "momentum": Range(0, 1, hi_open=True)}
+              "momentum": Range(0, 1, hi_open=True),
+              "embed_lr_scale": POSITIVE, "head_lr_scale": POSITIVE}
 
 
 @dataclass

@@ -20,16 +20,31 @@ def _embedding_ids(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases or embeddings (a tied output head is an embedding)."""
+def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None,
+                 cfg: OptimizerConfig | None = None, lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases or embeddings (a tied output head is an embedding).
+    With cfg and lr, the token embeddings and the untied output head get groups of their own at lr x
+    optimizer.embed_lr_scale and lr x optimizer.head_lr_scale, where those are not 1."""
     embeddings = _embedding_ids(model)
-    decay, no_decay, seen = [], [], set()
+    head = getattr(model, "lm_head", None)
+    own = {}  # id -> (group key, lr scale) for the parameters with an lr of their own
+    if cfg is not None and cfg.embed_lr_scale != 1:
+        own.update({i: ("embed", cfg.embed_lr_scale) for i in embeddings})
+    if cfg is not None and cfg.head_lr_scale != 1 and head is not None and id(head.weight) not in embeddings:
+        own[id(head.weight)] = ("head", cfg.head_lr_scale)
+    decay, no_decay, special, seen = [], [], {}, set()
     for p in model.parameters() if params is None else params:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
+        if id(p) in own:
+            special.setdefault(own[id(p)], []).append(p)
+            continue
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for (key, scale), ps in special.items():
+        groups.append({"params": ps, "weight_decay": 0.0 if key == "embed" else weight_decay, "lr": lr * scale})
+    return groups
 
 
 def set_weight_decay(model: nn.Module, optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
@@ -59,7 +74,7 @@ def _adamw(groups: list[dict], cfg: OptimizerConfig, lr: float) -> torch.optim.O
 
 @OPTIMIZERS.register("adamw")
 def adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return _adamw(param_groups(model, cfg.weight_decay), cfg, cfg.lr)
+    return _adamw(param_groups(model, cfg.weight_decay, cfg=cfg, lr=cfg.lr), cfg, cfg.lr)
 
 
 @OPTIMIZERS.register("sgd")
@@ -105,5 +120,6 @@ def muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
     muon_opt = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, adjust_lr_fn=cfg.muon_lr_scale.value)
-    adam_opt = _adamw(param_groups(model, cfg.weight_decay, rest), cfg, cfg.adam_lr or cfg.lr)
+    adam_lr = cfg.adam_lr or cfg.lr
+    adam_opt = _adamw(param_groups(model, cfg.weight_decay, rest, cfg, adam_lr), cfg, adam_lr)
     return CombinedOptimizer([muon_opt, adam_opt])
