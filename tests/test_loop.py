@@ -7,9 +7,11 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_config
 
+from xlab.errors import XLabError
 from xlab.training import interval
 from xlab.training.config import TrainConfig, TrainerConfig
 from xlab.training.interval import IntervalMetrics
@@ -153,3 +155,22 @@ def test_an_unchanged_resume_logs_no_optimizer_change(tmp_path: Path, caplog):
         Trainer(cfg, tmp_path).fit()
     assert "resumed from" in caplog.text and "resume: optimizer." not in caplog.text
     assert [r["lr"] for r in records(tmp_path) if "lr" in r] == [3e-3] * 3
+
+
+def test_an_lr_scale_changes_on_resume_but_not_to_or_from_1(tmp_path: Path):
+    """optimizer.embed_lr_scale gives the embeddings a param group of its own where it is not 1: a resume may change
+    the scale (the group's lr follows), and is refused, naming the key and what is valid, where the groups differ."""
+    train(resume_config(embed_lr_scale=3.0, head_lr_scale=0.5), tmp_path)
+    cfg = resume_config(embed_lr_scale=1.0, head_lr_scale=0.5)
+    cfg.trainer.max_steps, cfg.resume = 8, "auto"
+    with pytest.raises(XLabError, match=r"optimizer.embed_lr_scale=1: it trained with 3.*valid: "
+                                        r"optimizer.embed_lr_scale=any value but 1"):
+        Trainer(cfg, tmp_path)
+    cfg.optimizer.embed_lr_scale = 5.0
+    trainer = Trainer(cfg, tmp_path)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lr_of = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.tok_emb.weight)] == pytest.approx(5 * 3e-3)
+    assert lr_of[id(model.lm_head.weight)] == pytest.approx(0.5 * 3e-3)
+    trainer.fit()
+    assert [r["step"] for r in records(tmp_path) if "lr" in r] == [2, 4, 6, 8]

@@ -50,8 +50,21 @@ def check_resume_config(ckpt: Path, config: dict) -> None:
              if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != v]
     if diffs:
         raise XLabError(f"cannot resume from {ckpt}: the model config changed: {', '.join(diffs)}")
+    check_lr_groups(ckpt, checkpoint.config.get("optimizer") or {}, config.get("optimizer") or {})
     check_strategy(ckpt, str(config.get("trainer", {}).get("strategy", "ddp")))
     check_state_files(ckpt, config)
+
+
+def check_lr_groups(ckpt: Path, saved: dict, now: dict) -> None:
+    """The optimizer state holds one entry per param group, and a parameter with an lr scale other than 1 has a group
+    of its own (xlab/training/optimizers.py): a scale may change on resume, but not to or from 1."""
+    for key in ("embed_lr_scale", "head_lr_scale"):
+        was, new = float(saved.get(key, 1.0)), float(now.get(key, 1.0))
+        if (was == 1) != (new == 1):
+            valid = "1" if was == 1 else "any value but 1"
+            raise XLabError(f"cannot resume from {ckpt} with optimizer.{key}={new:g}: it trained with {was:g}, so its "
+                            f"optimizer state has {'no' if was == 1 else 'a'} param group of its own for it; "
+                            f"valid: optimizer.{key}={valid}")
 
 
 def check_strategy(ckpt: Path, strategy: str) -> None:
