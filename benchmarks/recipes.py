@@ -40,7 +40,8 @@ CORPORA = {  # name -> data overrides
 }
 # the default of commit 435677f: GPT-2 block 4x256, ctx 256, AdamW 3e-3, cosine, no regularisation
 GPT2_435677F = ["model=gpt", "model.d_model=256", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", "scheduler=cosine",
-                "scheduler.min_lr_ratio=0.1", "trainer.small_data_regularization=false"]
+                "scheduler.min_lr_ratio=0.1", "trainer.small_data_regularization=false",
+                "optimizer.embed_lr_scale=1"]
 RECIPES = {  # name -> train overrides; None steps = as many as the budget allows
     "nanogpt": (None, None),  # not XLab: nanoGPT's README CPU recipe (NANOGPT, nanogpt_run); --budget only
     # narrower models for short budgets: the default (4x256, 5.3M parameters) sees ~2M tokens in 300 s here
@@ -86,11 +87,14 @@ RECIPES = {  # name -> train overrides; None steps = as many as the budget allow
     "zero_init": (["model.residual_init=zero"], None),  # every block starts as the identity (modded-nanogpt)
     "beta99": (["optimizer.betas=[0.9,0.99]"], None),  # nanoGPT's beta2 for small batches
     # per-group learning rates (nanochat, modded-nanogpt: embeddings far above the matrices, the head below)
+    "elr1": (["optimizer.embed_lr_scale=1"], None),  # the embeddings at the matrices' lr (the default before 3)
     "elr3": (["optimizer.embed_lr_scale=3"], None),
     "elr10": (["optimizer.embed_lr_scale=10"], None),
     "elr5": (["optimizer.embed_lr_scale=5"], None),
     "elr2": (["optimizer.embed_lr_scale=2"], None),
     "hlr2": (["optimizer.head_lr_scale=2"], None),
+    "drop2_elr3": (["model.dropout=0.2", "optimizer.embed_lr_scale=3"], None),
+    "drop2_elr5": (["model.dropout=0.2", "optimizer.embed_lr_scale=5"], None),
     "hlr03": (["optimizer.head_lr_scale=0.3"], None),
     "c128": (["model.max_len=128", "trainer.batch_size=32"], None),  # the same tokens a step, half the attention
     "h2": (["model.n_head=2"], None),  # head dim 64 instead of 32

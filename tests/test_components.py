@@ -74,12 +74,12 @@ def test_muon_splits_hidden_matrices_from_the_rest():
     assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
     assert id(model.tok_emb.weight) not in muon_ids and id(model.lm_head.weight) not in muon_ids
     assert id(model.blocks[0].attn.qkv.weight) in muon_ids
-    assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-3, 3e-3]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 3e-3, 3e-3, 9e-3])  # embeddings at 3 x lr
     n_params = sum(1 for g in opt.param_groups for _ in g["params"])
     assert n_params == len(list(model.parameters()))
     sched = build_scheduler(opt, SchedulerConfig(warmup_steps=10), 100)  # the schedule scales both parts
-    assert [g["lr"] for g in muon.param_groups + adam.param_groups] == pytest.approx([0.002, 3e-4, 3e-4])
-    assert sched.get_last_lr() == pytest.approx([0.002, 3e-4, 3e-4])
+    assert [g["lr"] for g in muon.param_groups + adam.param_groups] == pytest.approx([0.002, 3e-4, 3e-4, 9e-4])
+    assert sched.get_last_lr() == pytest.approx([0.002, 3e-4, 3e-4, 9e-4])
 
 
 def test_muon_with_adamw_matched_updates_moves_a_matrix_as_far_as_adamw_would():
@@ -103,12 +103,13 @@ def test_muon_with_adamw_matched_updates_moves_a_matrix_as_far_as_adamw_would():
 
 def test_adamw_has_no_decay_on_norms_biases_embeddings():
     model = XLabModel(128, **group_option("model", "gpt2_tiny"))
-    decay, no_decay = OPTIMIZERS.get("adamw")(model, OptimizerConfig(weight_decay=0.1)).param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"])
+    # the embeddings (here tied to the head) in a group of their own: optimizer.embed_lr_scale, 3 by default
+    decay, no_decay, embed = OPTIMIZERS.get("adamw")(model, OptimizerConfig(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and embed["weight_decay"] == 0.0
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}  # tokens and positions
+    assert all(p.dim() == 2 for p in decay["params"]) and {id(p) for p in embed["params"]} == lookups
     no_decay_ids = {id(p) for p in no_decay["params"]}
-    assert {id(model.tok_emb.weight), id(model.blocks[0].norm1.weight), id(model.blocks[0].attn.qkv.bias)} \
-        <= no_decay_ids
+    assert {id(model.blocks[0].norm1.weight), id(model.blocks[0].attn.qkv.bias)} <= no_decay_ids
 
 
 
@@ -117,7 +118,7 @@ def test_embeddings_and_head_train_at_their_own_lr_scale(name):
     """optimizer.embed_lr_scale / head_lr_scale: the token embeddings and the untied head get groups of their own at
     lr x scale (muon: its AdamW part's lr), which the schedule scales like the rest; at 1 the groups are as before."""
     model = XLabModel(128, **{**group_option("model", "xlab"), "n_layer": 1, "d_model": 32, "n_head": 2})
-    plain = OPTIMIZERS.get(name)(model, OptimizerConfig(name=name, lr=0.01, adam_lr=0.002))
+    plain = OPTIMIZERS.get(name)(model, OptimizerConfig(name=name, lr=0.01, adam_lr=0.002, embed_lr_scale=1))
     cfg = OptimizerConfig(name=name, lr=0.01, adam_lr=0.002, weight_decay=0.5, embed_lr_scale=3, head_lr_scale=0.5)
     opt = OPTIMIZERS.get(name)(model, cfg)
     assert len(opt.param_groups) == len(plain.param_groups) + 2

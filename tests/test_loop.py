@@ -128,10 +128,11 @@ def test_a_resume_applies_the_configured_optimizer_settings(tmp_path: Path, capl
     """The old loop kept the checkpoint's lr, weight decay and betas (load_state restores param groups and the
     schedule's base lrs) although the new values were in config.yaml."""
     trainer = changed_on_resume(tmp_path, "adamw", caplog)
-    decay, no_decay = trainer.optimizer.param_groups
+    decay, no_decay, embed = trainer.optimizer.param_groups  # the embeddings train at 3 x lr (embed_lr_scale)
     assert (decay["lr"], decay["initial_lr"], decay["weight_decay"], decay["betas"]) == (1e-3, 1e-3, 0.5, (0.9, 0.99))
     assert no_decay["weight_decay"] == 0.0 and no_decay["betas"] == (0.9, 0.99)
-    assert trainer.scheduler.scheduler.base_lrs == [1e-3, 1e-3]
+    assert (embed["weight_decay"], embed["betas"]) == (0.0, (0.9, 0.99))
+    assert trainer.scheduler.scheduler.base_lrs == pytest.approx([1e-3, 1e-3, 3e-3])
     trainer.fit()
     assert [r["lr"] for r in records(tmp_path) if "lr" in r] == [3e-3, 3e-3, 1e-3, 1e-3]  # steps 2, 4 | 6, 8
 
@@ -143,8 +144,9 @@ def test_a_resume_applies_the_configured_settings_to_both_muon_optimizers(tmp_pa
     muon, adam = trainer.optimizer.optimizer.optimizers
     trainer.fit()
     assert muon.param_groups[0]["lr"] == 1e-3 and muon.param_groups[0]["weight_decay"] == 0.5
-    assert [(g["lr"], g["betas"]) for g in adam.param_groups] == [(1e-3, (0.9, 0.99))] * 2
-    assert [g["weight_decay"] for g in adam.param_groups] == [0.5, 0.0]
+    assert [g["lr"] for g in adam.param_groups] == pytest.approx([1e-3, 1e-3, 3e-3])  # embeddings: 3 x lr
+    assert [g["betas"] for g in adam.param_groups] == [(0.9, 0.99)] * 3
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.5, 0.0, 0.0]
 
 
 def test_an_unchanged_resume_logs_no_optimizer_change(tmp_path: Path, caplog):

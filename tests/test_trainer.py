@@ -27,6 +27,7 @@ FIXTURE_RUN = [
     "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=3",
     "trainer.eval_batches=2", "scheduler.warmup_steps=2", "trainer.precision=fp32", "logger=none",
     "scheduler=cosine", "optimizer.weight_decay=0.1",  # and its schedule and decay (the defaults are now linear, 1.0)
+    "optimizer.embed_lr_scale=1",  # and its one lr (the embeddings now train at 3x lr, in a param group of their own)
 ]
 DIVERGE = [*TINY, "optimizer.lr=1e30", "scheduler.warmup_steps=0", "trainer.precision=fp32", "trainer.max_steps=6",
            "trainer.log_every=3", "trainer.eval_batches=1"]

@@ -23,8 +23,9 @@ def _embedding_ids(model: nn.Module) -> set[int]:
 def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None,
                  cfg: OptimizerConfig | None = None, lr: float | None = None) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases or embeddings (a tied output head is an embedding).
-    With cfg and lr, the token embeddings and the untied output head get groups of their own at lr x
-    optimizer.embed_lr_scale and lr x optimizer.head_lr_scale, where those are not 1."""
+    With cfg and lr, the embeddings (token, and learned positions where the model has them) and the untied output
+    head get groups of their own at lr x optimizer.embed_lr_scale and lr x optimizer.head_lr_scale, where those
+    are not 1."""
     embeddings = _embedding_ids(model)
     head = getattr(model, "lm_head", None)
     own = {}  # id -> (group key, lr scale) for the parameters with an lr of their own
